@@ -1,0 +1,76 @@
+"""The ``MiniPacs`` section of Orthanc's configuration, with defaults and validation."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+SECTION = "MiniPacs"
+
+
+class ConfigError(ValueError):
+    """A ``MiniPacs`` option has the wrong type or value; the message names it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    data_directory: Path
+    png_directory: Path
+    database: Path
+    png_compress_level: int
+    queue_size: int
+    reconcile_on_start: bool
+
+
+_DEFAULTS: dict[str, Any] = {
+    "DataDirectory": None,  # ./minipacs-data
+    "PngDirectory": None,  # DataDirectory/png
+    "Database": None,  # DataDirectory/index.sqlite
+    "PngCompressLevel": 1,
+    "QueueSize": 100000,
+    "ReconcileOnStart": True,
+}
+
+
+def _typed(options: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = options.get(key, _DEFAULTS[key])
+    if value is None:
+        return None
+    # bool is an int in Python: refuse true/false where a number is wanted.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"{SECTION}.{key} must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> Config:
+    """Build the plugin's configuration from Orthanc's whole configuration.
+
+    Relative paths are resolved against ``base`` (the working directory of Orthanc, as Orthanc
+    itself does for ``StorageDirectory``).
+    """
+    options = configuration.get(SECTION, {})
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{SECTION} must be a JSON object")
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown {SECTION} option(s): {', '.join(unknown)}")
+    base = base or Path.cwd()
+
+    def path(key: str, default: Path | None) -> Path | None:
+        value = _typed(options, key, str)
+        return default if value is None else (base / value)
+
+    data = path("DataDirectory", base / "minipacs-data")
+    level = _typed(options, "PngCompressLevel", int)
+    if not 0 <= level <= 9:
+        raise ConfigError(f"{SECTION}.PngCompressLevel must be within 0..9, not {level}")
+    queue_size = _typed(options, "QueueSize", int)
+    if queue_size < 1:
+        raise ConfigError(f"{SECTION}.QueueSize must be at least 1, not {queue_size}")
+    return Config(
+        data_directory=data,
+        png_directory=path("PngDirectory", data / "png"),
+        database=path("Database", data / "index.sqlite"),
+        png_compress_level=level,
+        queue_size=queue_size,
+        reconcile_on_start=_typed(options, "ReconcileOnStart", bool),
+    )

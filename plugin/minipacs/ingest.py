@@ -1,0 +1,187 @@
+"""The ingest pipeline: one stored instance → PNG + index rows + status, off Orthanc's store path.
+
+Orthanc calls OnStoredInstance synchronously in the thread that stores the file, under the GIL,
+so the callback only queues the instance ID; a :class:`Worker` thread fetches the file and runs
+:func:`ingest`. Every outcome is recorded as a status: the worker never raises into Orthanc.
+"""
+
+import io
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from . import index as idx
+from .orthanc_ids import orthanc_ids
+from .render import NoPixelData, RenderError, encode_png, render
+
+log = logging.getLogger("minipacs")
+
+#: Tags of an instance as Orthanc's ``/instances/{id}/simplified-tags`` gives them.
+Tags = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Settings:
+    png_directory: Path
+    png_compress_level: int = 1
+
+
+def _text(source: Dataset | Tags, keyword: str) -> str | None:
+    value = source.get(keyword)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _int(source: Dataset | Tags, keyword: str) -> int | None:
+    try:
+        return int(float(_text(source, keyword)))
+    except (TypeError, ValueError):
+        return None
+
+
+def describe(source: Dataset | Tags, instance_id: str) -> idx.InstanceRecord:
+    """The hierarchy rows of an instance, from a pydicom dataset or Orthanc's simplified tags."""
+    patient_id = _text(source, "PatientID") or ""
+    study_uid = _text(source, "StudyInstanceUID") or ""
+    series_uid = _text(source, "SeriesInstanceUID") or ""
+    sop_uid = _text(source, "SOPInstanceUID") or ""
+    ids = orthanc_ids(patient_id, study_uid, series_uid, sop_uid)
+    if ids.instance != instance_id:
+        log.warning("instance %s: computed Orthanc ID %s differs", instance_id, ids.instance)
+    return idx.InstanceRecord(
+        patient={"orthanc_id": ids.patient, "patient_id": patient_id,
+                 "patient_name": _text(source, "PatientName"),
+                 "birth_date": _text(source, "PatientBirthDate"), "sex": _text(source, "PatientSex")},
+        study={"orthanc_id": ids.study, "study_uid": study_uid,
+               "study_date": _text(source, "StudyDate"),
+               "description": _text(source, "StudyDescription"),
+               "accession_number": _text(source, "AccessionNumber")},
+        series={"orthanc_id": ids.series, "series_uid": series_uid,
+                "modality": _text(source, "Modality"),
+                "series_number": _int(source, "SeriesNumber"),
+                "description": _text(source, "SeriesDescription")},
+        image={"orthanc_id": instance_id, "sop_uid": sop_uid,
+               "sop_class_uid": _text(source, "SOPClassUID"),
+               "instance_number": _int(source, "InstanceNumber"),
+               "rows": _int(source, "Rows"), "columns": _int(source, "Columns")},
+    )
+
+
+def _render_columns(ds: Dataset, png_path: Path, level: int) -> dict[str, Any]:
+    """Render the first frame to ``png_path``; the image columns that describe the outcome."""
+    try:
+        shown = render(ds)
+    except NoPixelData as exc:
+        return {"status": idx.NO_PIXEL_DATA, "status_detail": str(exc)}
+    except RenderError as exc:
+        return {"status": idx.RENDER_FAILED, "status_detail": str(exc)}
+    except Exception as exc:  # a decoder bug must cost one image, not the worker
+        log.exception("rendering %s failed unexpectedly", png_path.stem)
+        return {"status": idx.RENDER_FAILED, "status_detail": f"{type(exc).__name__}: {exc}"}
+    partial = png_path.with_suffix(".png.part")
+    partial.write_bytes(encode_png(shown.pixels, level))
+    os.replace(partial, png_path)  # readers never see half a PNG
+    return {"status": idx.RENDERED, "status_detail": None, "png": png_path.name,
+            "frames": shown.frames, "rendered_frame": shown.frame,
+            "photometric": shown.photometric, "rescale_slope": shown.rescale_slope,
+            "rescale_intercept": shown.rescale_intercept, "window_center": shown.window_center,
+            "window_width": shown.window_width, "window_source": shown.window_source}
+
+
+_EMPTY_RENDER = dict.fromkeys(("status_detail", "png", "frames", "rendered_frame", "photometric",
+                               "rescale_slope", "rescale_intercept", "window_center",
+                               "window_width", "window_source"))
+
+
+def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
+           orthanc_tags: Callable[[str], Tags]) -> dict[str, Any]:
+    """Render and index one instance; return its image columns.
+
+    ``orthanc_tags`` is asked only when pydicom cannot read the file, so that even an unreadable
+    instance that Orthanc accepted gets its place in the hierarchy and a status.
+    """
+    png_path = settings.png_directory / f"{instance_id}.png"
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        record = describe(ds, instance_id)
+        columns = {**_EMPTY_RENDER, "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),
+                   **_render_columns(ds, png_path, settings.png_compress_level)}
+        if columns["frames"] is None and "NumberOfFrames" in ds:
+            columns["frames"] = _int(ds, "NumberOfFrames")
+    except Exception as exc:  # pydicom could not parse what DCMTK accepted
+        record = describe(orthanc_tags(instance_id), instance_id)
+        columns = {**_EMPTY_RENDER, "transfer_syntax": None, "status": idx.UNREADABLE,
+                   "status_detail": f"pydicom cannot read the file: {type(exc).__name__}: {exc}"}
+    if columns["status"] != idx.RENDERED:
+        png_path.unlink(missing_ok=True)  # a re-sent instance that no longer renders
+    image = {**record.image, **columns}
+    index.put(idx.InstanceRecord(record.patient, record.study, record.series, image))
+    return image
+
+
+class Worker:
+    """One thread that runs ``handle(instance_id)`` for each queued ID, counting outcomes."""
+
+    def __init__(self, handle: Callable[[str], Any], queue_size: int):
+        self._handle = handle
+        self._queue: queue.Queue[str | None] = queue.Queue(queue_size)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._counts = {"processed": 0, "failed": 0, "dropped": 0}
+        self._thread = threading.Thread(target=self._run, name="minipacs-ingest", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, instance_id: str) -> bool:
+        """Queue an instance without ever blocking the caller (Orthanc's store thread)."""
+        try:
+            self._queue.put_nowait(instance_id)
+            return True
+        except queue.Full:
+            self._count("dropped")
+            log.error("ingest queue full: instance %s is left for the next reconciliation",
+                      instance_id)
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the instance in hand, then stop; what is still queued waits for reconciliation."""
+        self._stop.set()
+        try:
+            self._queue.put_nowait(None)  # wakes the thread if it waits on an empty queue
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            counts = dict(self._counts)
+        # unfinished_tasks counts the instance in hand too, so "idle" means all caught up.
+        pending = self._queue.unfinished_tasks
+        return {**counts, "queued": pending, "idle": pending == 0}
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            instance_id = self._queue.get()
+            try:
+                if instance_id is not None:
+                    self._handle(instance_id)
+                    self._count("processed")
+            except Exception:
+                self._count("failed")
+                log.exception("ingest of instance %s failed", instance_id)
+            finally:
+                self._queue.task_done()

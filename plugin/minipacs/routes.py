@@ -1,0 +1,191 @@
+"""The ``/minipacs`` HTTP API as a pure function of (method, path, query) → :class:`Response`.
+
+The entry script forwards Orthanc's REST callbacks here, so every route is unit-testable without
+Orthanc, and Orthanc's own HTTP server (authentication included) stays in front of all of them.
+Identifiers in paths are the DICOM ones: PatientID, Study/Series/SOP Instance UID.
+"""
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from . import __version__
+from . import index as idx
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+log = logging.getLogger("minipacs")
+ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, **details: Any):
+        super().__init__(message)
+        self.status = status
+        self.details = details
+
+
+def json_response(payload: Any, status: int = 200, **headers: str) -> Response:
+    # ASCII-only JSON: Orthanc's error-answer call measures the body in characters.
+    return Response(status, json.dumps(payload, ensure_ascii=True).encode("ascii"),
+                    headers=headers)
+
+
+def _natural(query: Mapping[str, str], key: str, default: int, maximum: int) -> int:
+    raw = query.get(key)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or len(raw) > 9:
+        raise HttpError(400, f"'{key}' must be a non-negative integer, not {raw!r}")
+    value = int(raw)
+    if value > maximum:
+        raise HttpError(400, f"'{key}' must be at most {maximum}, not {value}")
+    return value
+
+
+def paging(query: Mapping[str, str]) -> tuple[int, int]:
+    """``limit`` (1..1000, default 100) and ``offset`` (default 0) from the query string."""
+    limit = _natural(query, "limit", DEFAULT_LIMIT, MAX_LIMIT)
+    if limit == 0:
+        raise HttpError(400, "'limit' must be at least 1")
+    return limit, _natural(query, "offset", 0, 10**9)
+
+
+Handler = Callable[..., Any]
+
+
+class Router:
+    """Dispatches ``/minipacs/...`` requests to the index."""
+
+    def __init__(self, index: idx.Index, png_directory: Path,
+                 ingest_stats: Callable[[], dict[str, Any]]):
+        self.index = index
+        self.png_directory = Path(png_directory)
+        self.ingest_stats = ingest_stats
+        level_routes = [
+            ("patients", "patient", idx.PATIENTS, "studies", idx.STUDIES, "s.patient"),
+            ("studies", "study", idx.STUDIES, "series", idx.SERIES, "se.study"),
+            ("series", "series", idx.SERIES, "images", idx.IMAGES, "i.series"),
+            ("images", "image", idx.IMAGES, None, None, None),
+        ]
+        routes: list[tuple[str, Handler]] = [
+            (r"", self.welcome),
+            (r"ingest", self.ingest),
+            (r"counts", lambda q: self.index.counts()),
+            (r"imageinfo/(?P<name>.+)", self.image_info),
+            (r"images/(?P<uid>.+)/png", self.png),
+            (r"patients/(?P<uid>.+)/(?P<what>studycount|seriescount|imagecount|counts)",
+             self.patient_counts),
+        ]
+        for name, noun, level, child_name, child, parent_column in level_routes:
+            routes.append((name, self._lister(level, name)))
+            routes.append((f"{name}/count", self._counter(name)))
+            if child is not None:
+                routes.append((f"{name}/(?P<uid>.+)/{child_name}",
+                               self._children(level, noun, child, parent_column)))
+            routes.append((f"{name}/(?P<uid>.+)", self._getter(level, noun)))
+        self.routes = [(re.compile(pattern + r"/?"), handler) for pattern, handler in routes]
+
+    # Dispatch -------------------------------------------------------------------------------
+
+    def handle(self, method: str, path: str, query: Mapping[str, str]) -> Response:
+        """Answer one request; never raises (an unexpected error is a logged JSON 500)."""
+        path = path.lstrip("/")
+        try:
+            for pattern, handler in self.routes:
+                match = pattern.fullmatch(path)
+                if match:
+                    if method != "GET":
+                        raise HttpError(405, f"{method} is not allowed here; use GET",
+                                        allowed="GET")
+                    result = handler(query, **match.groupdict())
+                    return result if isinstance(result, Response) else json_response(result)
+            raise HttpError(404, f"no such route: /minipacs/{path}")
+        except HttpError as exc:
+            return json_response({"error": str(exc), "status": exc.status, **exc.details},
+                                 exc.status)
+        except Exception as exc:  # a bug or a broken index file: answer, and keep Orthanc up
+            log.exception("GET /minipacs/%s failed", path)
+            return json_response({"error": f"internal error: {type(exc).__name__}: {exc}",
+                                  "status": 500}, 500)
+
+    # Handlers -------------------------------------------------------------------------------
+
+    def welcome(self, query):
+        return {"name": "minipacs", "version": __version__,
+                "message": "Welcome to the minipacs API", "counts": self.index.counts()}
+
+    def ingest(self, query):
+        return {"worker": self.ingest_stats(), "statuses": self.index.status_counts()}
+
+    def _found(self, level: idx.Level, noun: str, uid: str) -> dict[str, Any]:
+        row = self.index.get(level, uid)
+        if row is None:
+            raise HttpError(404, f"no such {noun}: {uid}")
+        return row
+
+    def _getter(self, level: idx.Level, noun: str) -> Handler:
+        return lambda query, uid: self._found(level, noun, uid)
+
+    def _counter(self, name: str) -> Handler:
+        return lambda query: {"count": self.index.counts()[name]}
+
+    def _lister(self, level: idx.Level, name: str) -> Handler:
+        def page(query):
+            where, args = "", ()
+            status = query.get("status")
+            if name == "images" and status is not None:
+                if status not in idx.STATUSES:
+                    raise HttpError(400, f"'status' must be one of {', '.join(idx.STATUSES)}")
+                where, args = "i.status = ?", (status,)
+            return self._page(level, query, where, args)
+        return page
+
+    def _children(self, level: idx.Level, noun: str, child: idx.Level, parent_column: str) -> Handler:
+        def page(query, uid):
+            parent = self._found(level, noun, uid)
+            return self._page(child, query, f"{parent_column} = ?", (parent["OrthancID"],))
+        return page
+
+    def _page(self, level: idx.Level, query, where: str, args: tuple) -> dict[str, Any]:
+        limit, offset = paging(query)
+        items, total = self.index.page(level, limit, offset, where, args)
+        return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+    def patient_counts(self, query, uid, what):
+        patient = self._found(idx.PATIENTS, "patient", uid)
+        counts = self.index.patient_counts(patient["OrthancID"])
+        key = {"studycount": "studies", "seriescount": "series", "imagecount": "images"}.get(what)
+        return {"PatientID": uid, **({key: counts[key]} if key else counts)}
+
+    def image_info(self, query, name):
+        orthanc_id = name[:-4] if name.endswith(".png") else name
+        if not ORTHANC_ID.fullmatch(orthanc_id):
+            raise HttpError(400, "expected '<orthanc-instance-id>' or '<orthanc-instance-id>.png'")
+        info = self.index.image_info(orthanc_id)
+        if info is None:
+            raise HttpError(404, f"no such image file: {name}")
+        return info
+
+    def png(self, query, uid):
+        image = self._found(idx.IMAGES, "image", uid)
+        if image["Png"] is None:
+            raise HttpError(404, f"image {uid} has no PNG", Status=image["Status"],
+                            StatusDetail=image["StatusDetail"])
+        # The file name comes from the index (an Orthanc ID), never from the request.
+        try:
+            data = (self.png_directory / image["Png"]).read_bytes()
+        except OSError as exc:
+            raise HttpError(404, f"PNG of image {uid} is missing: {exc.strerror}")
+        return Response(200, data, "image/png")

@@ -1,0 +1,96 @@
+"""The script Orthanc's Python plugin loads (``"PythonScript"`` in orthanc.json).
+
+Thin callbacks, as in Orthanc's own samples: storing only queues the instance ID, HTTP requests
+go to :class:`minipacs.routes.Router`, and the ingest worker does the rest in its own thread.
+This is the only module that imports ``orthanc``.
+"""
+
+import json
+import logging
+import threading
+
+import orthanc
+
+from minipacs import __version__
+from minipacs.config import from_orthanc
+from minipacs.index import Index
+from minipacs.ingest import Settings, Worker, ingest
+from minipacs.routes import Router
+
+
+class _OrthancLog(logging.Handler):
+    """Send the package's log records to Orthanc's log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = "minipacs: " + self.format(record)
+        if record.levelno >= logging.ERROR:
+            orthanc.LogError(message)
+        elif record.levelno >= logging.WARNING:
+            orthanc.LogWarning(message)
+        else:
+            orthanc.LogInfo(message)
+
+
+log = logging.getLogger("minipacs")
+log.addHandler(_OrthancLog())
+log.setLevel(logging.INFO)
+log.propagate = False
+
+config = from_orthanc(json.loads(orthanc.GetConfiguration()))
+config.png_directory.mkdir(parents=True, exist_ok=True)
+index = Index(config.database)
+settings = Settings(config.png_directory, config.png_compress_level)
+
+
+def orthanc_tags(instance_id: str) -> dict:
+    return json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/simplified-tags"))
+
+
+def process(instance_id: str) -> None:
+    # Called in the worker thread, never in Orthanc's store thread.
+    ingest(index, settings, instance_id, orthanc.GetDicomForInstance(instance_id), orthanc_tags)
+
+
+worker = Worker(process, config.queue_size)
+router = Router(index, config.png_directory, worker.stats)
+
+
+def reconcile() -> None:
+    """Queue every instance Orthanc holds that the index lacks (stored while we were down)."""
+    missing = set(json.loads(orthanc.RestApiGet("/instances"))) - index.orthanc_instance_ids()
+    if missing:
+        log.warning("queueing %d instance(s) stored while minipacs was not running", len(missing))
+    for instance_id in sorted(missing):
+        worker.submit(instance_id)
+
+
+def on_stored_instance(dicom, instance_id: str) -> None:
+    worker.submit(instance_id)
+
+
+def on_change(change_type, level, resource_id) -> None:
+    if change_type == orthanc.ChangeType.ORTHANC_STARTED and config.reconcile_on_start:
+        threading.Thread(target=reconcile, name="minipacs-reconcile", daemon=True).start()
+    elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+        worker.stop()
+
+
+def on_rest(output, uri, **request) -> None:
+    groups = request.get("groups") or ("",)
+    response = router.handle(request["method"], groups[0], request.get("get") or {})
+    if response.status == 200:
+        output.AnswerBuffer(response.body, response.content_type)
+    elif response.status == 405:
+        output.SendMethodNotAllowed("GET")
+    else:
+        body = response.body.decode("ascii")
+        output.SetHttpHeader("Content-Type", response.content_type)
+        output.SendHttpStatus(response.status, body, len(body))
+
+
+worker.start()
+orthanc.RegisterOnStoredInstanceCallback(on_stored_instance)
+orthanc.RegisterOnChangeCallback(on_change)
+orthanc.RegisterRestCallback("/minipacs", on_rest)
+orthanc.RegisterRestCallback("/minipacs/(.*)", on_rest)
+log.warning("minipacs %s: index %s, PNGs in %s", __version__, config.database, config.png_directory)

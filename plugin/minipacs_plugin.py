@@ -15,6 +15,7 @@ from minipacs import __version__
 from minipacs.config import from_orthanc
 from minipacs.index import Index
 from minipacs.ingest import Settings, Worker, ingest
+from minipacs.orthanc_ids import OrthancIds
 from minipacs.routes import Router
 
 
@@ -42,13 +43,25 @@ index = Index(config.database)
 settings = Settings(config.png_directory, config.png_compress_level)
 
 
-def orthanc_tags(instance_id: str) -> dict:
-    return json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/simplified-tags"))
+class Lookup:
+    """Orthanc's REST API, asked from the worker thread only (never from a store callback)."""
+
+    @staticmethod
+    def get(uri: str) -> dict:
+        return json.loads(orthanc.RestApiGet(uri))
+
+    def tags(self, instance_id: str) -> dict:
+        return self.get(f"/instances/{instance_id}/simplified-tags")
+
+    def ids(self, instance_id: str) -> OrthancIds:
+        series = self.get(f"/instances/{instance_id}/series")
+        study = self.get(f"/series/{series['ID']}/study")
+        return OrthancIds(study["ParentPatient"], study["ID"], series["ID"], instance_id)
 
 
 def process(instance_id: str) -> None:
     # Called in the worker thread, never in Orthanc's store thread.
-    ingest(index, settings, instance_id, orthanc.GetDicomForInstance(instance_id), orthanc_tags)
+    ingest(index, settings, instance_id, orthanc.GetDicomForInstance(instance_id), Lookup())
 
 
 worker = Worker(process, config.queue_size)

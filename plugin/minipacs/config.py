@@ -37,7 +37,7 @@ def _typed(options: Mapping[str, Any], key: str, kind: type) -> Any:
         return None
     # bool is an int in Python: refuse true/false where a number is wanted.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(f"{SECTION}.{key} must be a {kind.__name__}, not {value!r}")
+        raise ConfigError(f"{SECTION}.{key} must be of type {kind.__name__}, not {value!r}")
     return value
 
 

@@ -12,19 +12,29 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from . import index as idx
-from .orthanc_ids import orthanc_ids
+from .orthanc_ids import OrthancIds, orthanc_ids
 from .render import NoPixelData, RenderError, encode_png, render
 
 log = logging.getLogger("minipacs")
 
 #: Tags of an instance as Orthanc's ``/instances/{id}/simplified-tags`` gives them.
 Tags = Mapping[str, Any]
+
+
+class OrthancLookup(Protocol):
+    """What the worker may ask Orthanc (from its own thread), when the file alone is not enough."""
+
+    def tags(self, instance_id: str) -> Tags:
+        """The instance's tags, for files that pydicom cannot read."""
+
+    def ids(self, instance_id: str) -> OrthancIds:
+        """The instance's Orthanc IDs and those of its parents."""
 
 
 @dataclass(frozen=True)
@@ -48,15 +58,19 @@ def _int(source: Dataset | Tags, keyword: str) -> int | None:
         return None
 
 
-def describe(source: Dataset | Tags, instance_id: str) -> idx.InstanceRecord:
-    """The hierarchy rows of an instance, from a pydicom dataset or Orthanc's simplified tags."""
+def describe(source: Dataset | Tags, instance_id: str, lookup: OrthancLookup) -> idx.InstanceRecord:
+    """The hierarchy rows of an instance, from a pydicom dataset or Orthanc's simplified tags.
+
+    The Orthanc IDs are computed from the identifiers; where Orthanc read them differently
+    (odd padding in a malformed file, say) Orthanc is asked, so the rows match its resources.
+    """
     patient_id = _text(source, "PatientID") or ""
     study_uid = _text(source, "StudyInstanceUID") or ""
     series_uid = _text(source, "SeriesInstanceUID") or ""
     sop_uid = _text(source, "SOPInstanceUID") or ""
     ids = orthanc_ids(patient_id, study_uid, series_uid, sop_uid)
     if ids.instance != instance_id:
-        log.warning("instance %s: computed Orthanc ID %s differs", instance_id, ids.instance)
+        ids = lookup.ids(instance_id)
     return idx.InstanceRecord(
         patient={"orthanc_id": ids.patient, "patient_id": patient_id,
                  "patient_name": _text(source, "PatientName"),
@@ -103,22 +117,22 @@ _EMPTY_RENDER = dict.fromkeys(("status_detail", "png", "frames", "rendered_frame
 
 
 def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
-           orthanc_tags: Callable[[str], Tags]) -> dict[str, Any]:
+           lookup: OrthancLookup) -> dict[str, Any]:
     """Render and index one instance; return its image columns.
 
-    ``orthanc_tags`` is asked only when pydicom cannot read the file, so that even an unreadable
-    instance that Orthanc accepted gets its place in the hierarchy and a status.
+    Orthanc's tags are asked for only when pydicom cannot read the file, so that even an
+    unreadable instance that Orthanc accepted gets its place in the hierarchy and a status.
     """
     png_path = settings.png_directory / f"{instance_id}.png"
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-        record = describe(ds, instance_id)
+        record = describe(ds, instance_id, lookup)
         columns = {**_EMPTY_RENDER, "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),
                    **_render_columns(ds, png_path, settings.png_compress_level)}
         if columns["frames"] is None and "NumberOfFrames" in ds:
             columns["frames"] = _int(ds, "NumberOfFrames")
     except Exception as exc:  # pydicom could not parse what DCMTK accepted
-        record = describe(orthanc_tags(instance_id), instance_id)
+        record = describe(lookup.tags(instance_id), instance_id, lookup)
         columns = {**_EMPTY_RENDER, "transfer_syntax": None, "status": idx.UNREADABLE,
                    "status_detail": f"pydicom cannot read the file: {type(exc).__name__}: {exc}"}
     if columns["status"] != idx.RENDERED:

@@ -119,7 +119,10 @@ def render(ds: Dataset, frame: int = 0) -> Rendered:
     if not any(k in ds for k in PIXEL_KEYWORDS):
         raise NoPixelData("no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except ValueError as exc:
+        raise RenderError(f"invalid Number of Frames: {exc}") from exc
     if not 0 <= frame < frames:
         raise RenderError(f"frame {frame} out of range: the image has {frames} frame(s)")
     stored = _decode(ds, frame)

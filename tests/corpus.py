@@ -1,0 +1,24 @@
+"""The real-world DICOM corpus the tests use: files we did not write."""
+
+from pathlib import Path
+
+import pydicom.data
+
+
+def pydicom_test_files() -> list[Path]:
+    """pydicom's bundled test files (CT, MR, RT, SR, compressed, deliberately broken...)."""
+    return sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm"))
+
+
+def pydicom_data_files() -> list[Path]:
+    """The ``pydicom-data`` package: CR MONOCHROME1, US palette, JPEG/J2K/RLE, multi-frame."""
+    import data_store
+
+    return sorted((Path(data_store.__file__).parent / "data").glob("*.dcm"))
+
+
+def find(name: str) -> Path:
+    for path in pydicom_test_files() + pydicom_data_files():
+        if path.name == name:
+            return path
+    raise FileNotFoundError(name)

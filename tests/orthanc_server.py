@@ -1,0 +1,119 @@
+"""A real Orthanc with the minipacs plugin, on free loopback ports, for the tests."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+PLUGINS = Path("/usr/share/orthanc/plugins")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OrthancServer:
+    """Start/stop one Orthanc process whose storage and minipacs data live in ``workdir``."""
+
+    def __init__(self, workdir: Path, **overrides):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.aet = "MINIPACS"
+        self.data = self.workdir / "minipacs"
+        self.config = {
+            "Name": "minipacs-test",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "storage"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [str(PLUGINS / "libOrthancPython.so"), str(PLUGINS / "libOrthancDicomWeb.so")],
+            "PythonScript": str(ROOT / "plugin" / "minipacs_plugin.py"),
+            "MiniPacs": {"DataDirectory": str(self.data)},
+            **overrides,
+        }
+        self.log_path = self.workdir / "orthanc.log"
+        self.session = requests.Session()
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> "OrthancServer":
+        config_path = self.workdir / "orthanc.json"
+        config_path.write_text(json.dumps(self.config, indent=2))
+        env = dict(os.environ)
+        venv_site = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"))
+        env["PYTHONPATH"] = f"{venv_site}:{ROOT / 'plugin'}"
+        self.process = subprocess.Popen([ORTHANC, str(config_path)], cwd=self.workdir, env=env,
+                                        stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if self.session.get(self.url + "/system", timeout=2).status_code in (200, 401):
+                    return self
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Orthanc did not answer within {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # REST helpers ---------------------------------------------------------------------------
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return self.session.get(self.url + path, timeout=30, **kwargs)
+
+    def json(self, path: str):
+        answer = self.get(path)
+        answer.raise_for_status()
+        return answer.json()
+
+    def upload(self, data: bytes) -> requests.Response:
+        return self.session.post(self.url + "/instances", data=data, timeout=60)
+
+    def storescu(self, files: list[Path]) -> subprocess.CompletedProcess:
+        """Send files over DICOM C-STORE with DCMTK's storescu (one association)."""
+        return subprocess.run(
+            ["storescu", "--no-halt", "--propose-lossless", "-aec", self.aet, "127.0.0.1",
+             str(self.dicom_port), *map(str, files)],
+            capture_output=True, text=True, timeout=300)
+
+    def wait_for_ingest(self, timeout: float = 300) -> dict:
+        """Block until the plugin's worker has processed everything queued."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.json("/minipacs/ingest")
+            if stats["worker"]["idle"]:
+                return stats
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ingest not idle after {timeout}s: {stats}")
+            time.sleep(0.2)

@@ -1,0 +1,219 @@
+"""The pipeline and the index, without Orthanc: real files in, rows and PNGs out."""
+
+import io
+import threading
+import time
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from corpus import find
+from minipacs import index as idx
+from minipacs.ingest import Settings, Worker, describe, ingest
+from minipacs.orthanc_ids import orthanc_ids
+
+
+class OfflineLookup:
+    """Stands in for Orthanc's REST API: answers from the files themselves."""
+
+    def __init__(self, tags=None):
+        self._tags = tags or {}
+        self.asked = []
+
+    def tags(self, instance_id):
+        self.asked.append(("tags", instance_id))
+        return self._tags[instance_id]
+
+    def ids(self, instance_id):
+        self.asked.append(("ids", instance_id))
+        raise AssertionError("computed IDs should have matched")
+
+
+def wait_until(condition, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def index(tmp_path):
+    return idx.Index(tmp_path / "index.sqlite")
+
+
+@pytest.fixture
+def settings(tmp_path):
+    (tmp_path / "png").mkdir()
+    return Settings(tmp_path / "png", 1)
+
+
+def instance_id_of(path):
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return orthanc_ids(ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                       ds.SOPInstanceUID).instance
+
+
+def run(index, settings, name, lookup=None):
+    path = find(name)
+    return ingest(index, settings, instance_id_of(path), path.read_bytes(), lookup or OfflineLookup())
+
+
+def test_orthanc_ids_match_what_orthanc_assigned_to_ct_small():
+    # The ID Orthanc 1.10.1 answered when CT_small.dcm was uploaded to it.
+    assert instance_id_of(find("CT_small.dcm")) == "f689ddd2-662f8fe1-8b18180d-ec2a2cee-937917af"
+
+
+def test_rendered_image_gets_png_and_parameters(index, settings):
+    image = run(index, settings, "CT_small.dcm")
+    assert image["status"] == idx.RENDERED
+    png = settings.png_directory / image["png"]
+    assert png.name == f"{image['orthanc_id']}.png"
+    assert np.asarray(Image.open(png)).shape == (128, 128)
+    row = index.get(idx.IMAGES, image["sop_uid"])
+    assert row["RescaleIntercept"] == -1024.0 and row["WindowSource"] == "minmax"
+    assert row["PatientID"] == "1CT1" and row["NumberOfFrames"] == 1
+    assert row["TransferSyntaxUID"] == "1.2.840.10008.1.2.1"
+
+
+def test_resending_replaces_rows_instead_of_duplicating(index, settings):
+    first = run(index, settings, "CT_small.dcm")
+    run(index, settings, "CT_small.dcm")
+    assert index.counts() == {"patients": 1, "studies": 1, "series": 1, "images": 1}
+    assert index.get(idx.IMAGES, first["sop_uid"])["Status"] == idx.RENDERED
+
+
+def test_object_without_pixels_is_indexed_without_png(index, settings):
+    image = run(index, settings, "rtplan.dcm")
+    assert image["status"] == idx.NO_PIXEL_DATA and image["png"] is None
+    assert not list(settings.png_directory.iterdir())
+
+
+def test_broken_pixel_data_records_the_reason_and_removes_an_old_png(index, settings, tmp_path):
+    good = run(index, settings, "CT_small.dcm")
+    assert (settings.png_directory / good["png"]).exists()
+    ds = pydicom.dcmread(find("CT_small.dcm"))
+    ds.PixelData = ds.PixelData[:1000]
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    image = ingest(index, settings, good["orthanc_id"], buffer.getvalue(), OfflineLookup())
+    assert image["status"] == idx.RENDER_FAILED
+    assert "cannot decode pixel data" in image["status_detail"]
+    assert not (settings.png_directory / good["png"]).exists()
+    assert index.counts()["images"] == 1
+
+
+def test_unreadable_file_is_placed_with_orthancs_tags(index, settings):
+    ds = pydicom.dcmread(find("CT_small.dcm"), stop_before_pixels=True)
+    tags = {k: str(ds.get(k)) for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID",
+                                        "SOPInstanceUID", "Modality")}
+    instance = instance_id_of(find("CT_small.dcm"))
+    lookup = OfflineLookup({instance: tags})
+    image = ingest(index, settings, instance, b"DICM but not really", lookup)
+    assert image["status"] == idx.UNREADABLE and "pydicom cannot read" in image["status_detail"]
+    assert lookup.asked == [("tags", instance)]
+    assert index.get(idx.SERIES, ds.SeriesInstanceUID)["Modality"] == "CT"
+
+
+def test_orthanc_is_asked_for_ids_when_its_reading_differs(index, settings):
+    path = find("CT_small.dcm")
+
+    class Lookup(OfflineLookup):
+        def ids(self, instance_id):
+            self.asked.append(("ids", instance_id))
+            return orthanc_ids("other", "s", "se", "x")._replace(instance=instance_id)
+
+    lookup = Lookup()
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    record = describe(ds, "not-the-computed-id", lookup)
+    assert lookup.asked == [("ids", "not-the-computed-id")]
+    assert record.patient["orthanc_id"] == orthanc_ids("other", "s", "se", "x").patient
+    assert record.patient["patient_id"] == "1CT1"
+
+
+def test_counts_and_pages_follow_the_hierarchy(index, settings):
+    for name in ("CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "rtplan.dcm"):
+        run(index, settings, name)
+    counts = index.counts()
+    assert counts["images"] == 4 and counts["patients"] == len(
+        {pydicom.dcmread(find(n), stop_before_pixels=True).PatientID
+         for n in ("CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "rtplan.dcm")})
+    items, total = index.page(idx.IMAGES, 2, 0)
+    rest, _ = index.page(idx.IMAGES, 2, 2)
+    assert total == 4 and len(items) == 2 and len(rest) == 2
+    assert {i["OrthancID"] for i in items}.isdisjoint(i["OrthancID"] for i in rest)
+    ct = index.get(idx.PATIENTS, "1CT1")
+    assert index.patient_counts(ct["OrthancID"]) == {"studies": 1, "series": 1, "images": 1}
+    assert index.status_counts() == {idx.RENDERED: 3, idx.NO_PIXEL_DATA: 1}
+
+
+def test_index_uses_wal_and_indexes_every_foreign_key(index):
+    db = index._connection()
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    for table, column in (("studies", "patient"), ("series", "study"), ("images", "series")):
+        indexed = {row[2] for name, in db.execute(f"SELECT name FROM pragma_index_list('{table}')")
+                   for row in db.execute(f"PRAGMA index_info('{name}')")}
+        assert column in indexed, (table, column)
+
+
+def test_readers_in_other_threads_see_the_writes(index, settings):
+    run(index, settings, "CT_small.dcm")
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(index.counts()["images"]))
+    reader.start()
+    reader.join()
+    assert seen == [1]
+
+
+def test_worker_counts_outcomes_and_reports_idle():
+    done, release = [], threading.Event()
+
+    def handle(instance_id):
+        release.wait(5)
+        if instance_id == "bad":
+            raise ValueError("boom")
+        done.append(instance_id)
+
+    worker = Worker(handle, queue_size=2)
+    worker.start()
+    assert worker.submit("a") and worker.submit("bad")
+    assert worker.stats()["idle"] is False
+    release.set()
+    wait_until(lambda: worker.stats()["idle"])
+    worker.stop()
+    stats = worker.stats()
+    assert done == ["a"] and stats["processed"] == 1 and stats["failed"] == 1
+
+
+def test_stop_finishes_the_instance_in_hand_and_leaves_the_rest():
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def handle(instance_id):
+        started.set()
+        release.wait(5)
+        done.append(instance_id)
+
+    worker = Worker(handle, queue_size=10)
+    worker.start()
+    worker.submit("first")
+    worker.submit("second")
+    started.wait(5)
+    stopper = threading.Thread(target=worker.stop)
+    stopper.start()
+    release.set()
+    stopper.join(5)
+    assert done == ["first"]
+
+
+def test_full_queue_drops_without_blocking_the_caller():
+    block = threading.Event()
+    worker = Worker(lambda i: block.wait(5), queue_size=1)
+    worker.start()
+    worker.submit("in-hand")
+    wait_until(lambda: worker._queue.empty())  # the worker holds "in-hand"
+    assert worker.submit("queued") is True
+    assert worker.submit("overflow") is False
+    assert worker.stats()["dropped"] == 1
+    block.set()
+    worker.stop()

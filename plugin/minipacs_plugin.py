@@ -8,6 +8,7 @@ This is the only module that imports ``orthanc``.
 import json
 import logging
 import threading
+import warnings
 
 import orthanc
 
@@ -20,11 +21,17 @@ from minipacs.routes import Router
 
 
 class _OrthancLog(logging.Handler):
-    """Send the package's log records to Orthanc's log."""
+    """Send log records to Orthanc's log (all at info level when ``quiet``)."""
+
+    def __init__(self, quiet: bool = False):
+        super().__init__()
+        self.quiet = quiet
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = "minipacs: " + self.format(record)
-        if record.levelno >= logging.ERROR:
+        message = f"{record.name}: {self.format(record)}"
+        if self.quiet:
+            orthanc.LogInfo(message)
+        elif record.levelno >= logging.ERROR:
             orthanc.LogError(message)
         elif record.levelno >= logging.WARNING:
             orthanc.LogWarning(message)
@@ -36,6 +43,10 @@ log = logging.getLogger("minipacs")
 log.addHandler(_OrthancLog())
 log.setLevel(logging.INFO)
 log.propagate = False
+# pydicom both logs and warns about every odd value it reads: keep one copy, for --verbose.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+logging.getLogger("pydicom").addHandler(_OrthancLog(quiet=True))
+logging.getLogger("pydicom").propagate = False
 
 config = from_orthanc(json.loads(orthanc.GetConfiguration()))
 config.png_directory.mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,34 @@ import subprocess
 import time
 from pathlib import Path
 
+import pydicom
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGINS = Path("/usr/share/orthanc/plugins")
+
+
+# storescu's option that proposes a file's (compressed) transfer syntax.
+_STORESCU_PROPOSAL = {
+    "1.2.840.10008.1.2.4.50": "--propose-jpeg8",
+    "1.2.840.10008.1.2.4.51": "--propose-jpeg12",
+    "1.2.840.10008.1.2.4.57": "--propose-lossless",
+    "1.2.840.10008.1.2.4.70": "--propose-lossless",
+    "1.2.840.10008.1.2.4.80": "--propose-jls-lossless",
+    "1.2.840.10008.1.2.4.81": "--propose-jls-lossy",
+    "1.2.840.10008.1.2.4.90": "--propose-j2k-lossless",
+    "1.2.840.10008.1.2.4.91": "--propose-j2k-lossy",
+    "1.2.840.10008.1.2.5": "--propose-rle",
+    "1.2.840.10008.1.2.1.99": "--propose-deflated",
+}
+
+
+def _transfer_syntax(path: Path) -> str:
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    except Exception:
+        return ""
 
 
 def free_port() -> int:
@@ -101,11 +124,23 @@ class OrthancServer:
         return self.session.post(self.url + "/instances", data=data, timeout=60)
 
     def storescu(self, files: list[Path]) -> subprocess.CompletedProcess:
-        """Send files over DICOM C-STORE with DCMTK's storescu (one association)."""
-        return subprocess.run(
-            ["storescu", "--no-halt", "--propose-lossless", "-aec", self.aet, "127.0.0.1",
-             str(self.dicom_port), *map(str, files)],
-            capture_output=True, text=True, timeout=300)
+        """Send files over DICOM C-STORE with DCMTK's storescu, in their own transfer syntax.
+
+        storescu proposes uncompressed syntaxes unless told otherwise, and cannot transcode
+        compressed files, so the files go in one association per proposal option.
+        """
+        groups: dict[str, list[str]] = {}
+        for path in files:
+            option = _STORESCU_PROPOSAL.get(_transfer_syntax(path), "--propose-uncompr")
+            groups.setdefault(option, []).append(str(path))
+        outputs, code = [], 0
+        for option, paths in groups.items():
+            done = subprocess.run(["storescu", "--no-halt", option, "-aec", self.aet, "127.0.0.1",
+                                   str(self.dicom_port), *paths],
+                                  capture_output=True, text=True, timeout=300)
+            code = code or done.returncode
+            outputs.append(done.stderr)
+        return subprocess.CompletedProcess(["storescu"], code, "", "".join(outputs))
 
     def wait_for_ingest(self, timeout: float = 300) -> dict:
         """Block until the plugin's worker has processed everything queued."""

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from . import index as idx
 from .orthanc_ids import OrthancIds, orthanc_ids
@@ -125,7 +126,10 @@ def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
     """
     png_path = settings.png_directory / f"{instance_id}.png"
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        # force: Orthanc keeps files without a preamble as they were sent.
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        if "SOPInstanceUID" not in ds:
+            raise InvalidDicomError("no SOP Instance UID where Orthanc found one")
         record = describe(ds, instance_id, lookup)
         columns = {**_EMPTY_RENDER, "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),
                    **_render_columns(ds, png_path, settings.png_compress_level)}

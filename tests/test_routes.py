@@ -1,0 +1,128 @@
+"""The /minipacs routes as a pure function, on a real index filled from real files."""
+
+import json
+
+import pytest
+
+from corpus import find
+from minipacs import index as idx
+from minipacs.ingest import Settings
+from minipacs.routes import Router
+from test_ingest_and_index import run
+
+NAMES = ("CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "rtplan.dcm")
+
+
+@pytest.fixture
+def router(tmp_path):
+    index = idx.Index(tmp_path / "index.sqlite")
+    settings = Settings(tmp_path / "png", 1)
+    settings.png_directory.mkdir()
+    for name in NAMES:
+        run(index, settings, name)
+    return Router(index, settings.png_directory, lambda: {"idle": True})
+
+
+def get(router, path, **query):
+    response = router.handle("GET", path, {k: str(v) for k, v in query.items()})
+    body = json.loads(response.body) if response.content_type == "application/json" else response.body
+    return response.status, body
+
+
+def test_welcome_names_the_version(router):
+    status, body = get(router, "")
+    assert status == 200 and body["name"] == "minipacs" and body["version"]
+    assert get(router, "/")[0] == 200
+
+
+def test_counts_agree_between_routes(router):
+    _, counts = get(router, "counts")
+    for level in ("patients", "studies", "series", "images"):
+        assert get(router, f"{level}/count") == (200, {"count": counts[level]})
+        status, page = get(router, level)
+        assert status == 200 and page["total"] == counts[level] == len(page["items"])
+
+
+def test_patient_routes(router):
+    status, patient = get(router, "patients/1CT1")
+    assert status == 200 and patient["PatientID"] == "1CT1"
+    _, studies = get(router, "patients/1CT1/studies")
+    assert studies["total"] == 1
+    assert studies["items"][0]["PatientID"] == "1CT1"
+    assert get(router, "patients/1CT1/studycount")[1] == {"PatientID": "1CT1", "studies": 1}
+    assert get(router, "patients/1CT1/seriescount")[1] == {"PatientID": "1CT1", "series": 1}
+    assert get(router, "patients/1CT1/imagecount")[1] == {"PatientID": "1CT1", "images": 1}
+    assert get(router, "patients/1CT1/counts")[1] == {"PatientID": "1CT1", "studies": 1,
+                                                      "series": 1, "images": 1}
+
+
+def test_walk_down_the_hierarchy(router):
+    _, studies = get(router, "studies")
+    for study in studies["items"]:
+        assert get(router, f"studies/{study['StudyInstanceUID']}")[1] == study
+        _, series = get(router, f"studies/{study['StudyInstanceUID']}/series")
+        for one in series["items"]:
+            assert one["StudyInstanceUID"] == study["StudyInstanceUID"]
+            _, images = get(router, f"series/{one['SeriesInstanceUID']}/images")
+            for image in images["items"]:
+                assert get(router, f"images/{image['SOPInstanceUID']}")[1] == image
+
+
+def test_image_info_has_the_predecessors_eight_keys(router):
+    _, images = get(router, "images", status="rendered")
+    ct = next(i for i in images["items"] if i["PatientID"] == "1CT1")
+    for name in (ct["OrthancID"], ct["OrthancID"] + ".png"):
+        status, info = get(router, f"imageinfo/{name}")
+        assert status == 200
+        assert sorted(info) == sorted(["InstanceNumber", "PatientID", "RescaleIntercept",
+                                       "RescaleSlope", "SeriesDescription", "StudyDescription",
+                                       "WindowCenter", "WindowWidth"])
+        assert info["PatientID"] == "1CT1" and info["WindowWidth"] == ct["WindowWidth"]
+
+
+def test_png_route(router):
+    _, images = get(router, "images", status="rendered")
+    status, body = get(router, f"images/{images['items'][0]['SOPInstanceUID']}/png")
+    assert status == 200 and body.startswith(b"\x89PNG")
+    _, plans = get(router, "images", status="no_pixel_data")
+    status, error = get(router, f"images/{plans['items'][0]['SOPInstanceUID']}/png")
+    assert status == 404 and error["Status"] == "no_pixel_data"
+
+
+def test_pagination(router):
+    _, first = get(router, "images", limit=2)
+    _, second = get(router, "images", limit=2, offset=2)
+    assert (first["limit"], first["offset"], second["offset"]) == (2, 0, 2)
+    ids = [i["OrthancID"] for i in first["items"] + second["items"]]
+    assert len(ids) == len(set(ids)) == 4
+    assert get(router, "images", offset=100)[1]["items"] == []
+
+
+@pytest.mark.parametrize("path, query, status", [
+    ("patients/nobody", {}, 404),
+    ("patients/nobody/studies", {}, 404),
+    ("patients/nobody/counts", {}, 404),
+    ("studies/1.2.3", {}, 404),
+    ("series/1.2.3/images", {}, 404),
+    ("images/1.2.3", {}, 404),
+    ("images/1.2.3/png", {}, 404),
+    ("imageinfo/00000000-00000000-00000000-00000000-00000000.png", {}, 404),
+    ("nowhere", {}, 404),
+    ("imageinfo/../../etc/passwd", {}, 400),
+    ("imageinfo/x.png", {}, 400),
+    ("images", {"limit": "-1"}, 400),
+    ("images", {"limit": "0"}, 400),
+    ("images", {"limit": "1001"}, 400),
+    ("images", {"limit": "ten"}, 400),
+    ("images", {"offset": "1e3"}, 400),
+    ("images", {"status": "weird"}, 400),
+])
+def test_errors_are_json_with_the_right_status(router, path, query, status):
+    got, body = get(router, path, **query)
+    assert got == status and body["status"] == status and body["error"]
+
+
+def test_other_methods_are_not_allowed(router):
+    for method in ("POST", "PUT", "DELETE"):
+        response = router.handle(method, "patients/count", {})
+        assert response.status == 405

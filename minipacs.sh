@@ -56,6 +56,9 @@ orthanc_env() {
 start() {
   local config=${1:-orthanc.json} url pid
   setup
+  if grep -q '"AuthenticationEnabled" *: *true' "$config" && [ -z "${MINIPACS_PASSWORD:-}" ]; then
+    say "$config enables authentication: set MINIPACS_PASSWORD (and MINIPACS_USER)"; exit 2
+  fi
   orthanc_env
   mkdir -p var
   url="http://localhost:$("$VENV/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("HttpPort", 8042))' "$config")"

@@ -207,3 +207,26 @@ def test_routes_obey_orthanc_authentication(tmp_path):
         assert answer.status_code == 200 and answer.json()["images"] == 0
     finally:
         server.stop()
+
+
+def test_docker_configuration_requires_credentials(tmp_path, monkeypatch):
+    """docker/orthanc.json as the image uses it (paths moved under tmp_path)."""
+    import json
+    from orthanc_server import ROOT
+
+    config = json.loads((ROOT / "docker" / "orthanc.json").read_text())
+    monkeypatch.setenv("MINIPACS_USER", "qa")
+    monkeypatch.setenv("MINIPACS_PASSWORD", "s3cret")
+    server = OrthancServer(tmp_path)
+    overrides = {k: v for k, v in config.items()
+                 if k not in ("StorageDirectory", "IndexDirectory", "HttpPort", "DicomPort",
+                              "PythonScript", "MiniPacs", "RemoteAccessAllowed")}
+    server.config.update(overrides)
+    server.start()
+    try:
+        assert server.get("/minipacs/").status_code == 401
+        answer = server.get("/minipacs/", auth=("qa", "s3cret"))
+        assert answer.status_code == 200 and answer.json()["name"] == "minipacs"
+        assert config["RemoteAccessAllowed"] is True and config["AuthenticationEnabled"] is True
+    finally:
+        server.stop()

@@ -8,6 +8,7 @@ recorded failures at once. Uses only the standard library: it runs from the plug
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -74,8 +75,10 @@ def wait_for_ingest(orthanc: Orthanc, seconds: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://localhost:8042")
-    parser.add_argument("--user")
-    parser.add_argument("--password")
+    parser.add_argument("--user", default=os.environ.get("MINIPACS_USER"),
+                        help="Orthanc user, if authentication is on (default: $MINIPACS_USER)")
+    parser.add_argument("--password", default=os.environ.get("MINIPACS_PASSWORD"),
+                        help="(default: $MINIPACS_PASSWORD)")
     parser.add_argument("--if-empty", action="store_true",
                         help="do nothing if Orthanc already holds instances")
     parser.add_argument("--wait", type=float, default=60, help="seconds to wait for Orthanc")

@@ -34,11 +34,11 @@ def test_counts_equal_orthancs_statistics(orthanc):
 
 
 def test_every_orthanc_instance_is_indexed_under_the_same_parents(orthanc):
+    images = {i["OrthancID"]: i for i in orthanc.json("/minipacs/images?limit=1000")["items"]}
     for instance in orthanc.json("/instances?expand"):
-        sop = instance["MainDicomTags"]["SOPInstanceUID"]
-        images = orthanc.json(f"/minipacs/images?limit=1000")["items"]
-        row = next((i for i in images if i["OrthancID"] == instance["ID"]), None)
-        assert row is not None, sop
+        row = images.get(instance["ID"])
+        assert row is not None, instance["MainDicomTags"]["SOPInstanceUID"]
+        assert row["SOPInstanceUID"] == instance["MainDicomTags"]["SOPInstanceUID"].strip()
         series = orthanc.json(f"/series/{instance['ParentSeries']}")
         assert row["SeriesInstanceUID"] == series["MainDicomTags"]["SeriesInstanceUID"]
         assert row["Status"] in ("rendered", "no_pixel_data", "render_failed", "unreadable")

@@ -17,6 +17,7 @@ from minipacs.config import from_orthanc
 from minipacs.index import Index
 from minipacs.ingest import Settings, Worker, ingest
 from minipacs.orthanc_ids import OrthancIds
+from minipacs.render import image_array
 from minipacs.routes import Router
 
 
@@ -51,7 +52,7 @@ logging.getLogger("pydicom").propagate = False
 config = from_orthanc(json.loads(orthanc.GetConfiguration()))
 config.png_directory.mkdir(parents=True, exist_ok=True)
 index = Index(config.database)
-settings = Settings(config.png_directory, config.png_compress_level)
+settings = Settings(config.png_directory, config.png_compress_level, config.window_index)
 
 
 class Lookup:
@@ -68,6 +69,15 @@ class Lookup:
         series = self.get(f"/instances/{instance_id}/series")
         study = self.get(f"/series/{series['ID']}/study")
         return OrthancIds(study["ParentPatient"], study["ID"], series["ID"], instance_id)
+
+    def decode(self, data: bytes, frame: int):
+        image = orthanc.DecodeDicomImage(data, frame)
+        return image_array(image.GetImageBuffer(), image.GetImageWidth(), image.GetImageHeight(),
+                           image.GetImagePitch(), PIXEL_FORMATS[image.GetImagePixelFormat()])
+
+
+PIXEL_FORMATS = {value: name for name, value in vars(orthanc.PixelFormat).items()
+                 if not name.startswith("_")}
 
 
 def process(instance_id: str) -> None:

@@ -230,3 +230,20 @@ def test_docker_configuration_requires_credentials(tmp_path, monkeypatch):
         assert config["RemoteAccessAllowed"] is True and config["AuthenticationEnabled"] is True
     finally:
         server.stop()
+
+
+def test_orthancs_decoder_takes_over_where_pydicom_fails(orthanc, tmp_path):
+    """JPEG-lossy.dcm (12-bit JPEG Extended) defeats pylibjpeg; Orthanc's DCMTK-based decoder
+    gives the stored values, and the render is then identical to DCMTK's."""
+    import subprocess
+
+    path = find("JPEG-lossy.dcm")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    image = orthanc.json(f"/minipacs/images/{ds.SOPInstanceUID}")
+    assert image["Status"] == "rendered" and image["Decoder"] == "fallback"
+    png = np.asarray(Image.open(io.BytesIO(
+        orthanc.get(f"/minipacs/images/{ds.SOPInstanceUID}/png").content)))
+    option = ["+Wi", "1"] if image["WindowSource"] == "dataset" else ["+Wm"]
+    subprocess.run(["dcmj2pnm", *option, "--write-png", str(path), str(tmp_path / "ref.png")],
+                   check=True, capture_output=True)
+    assert np.array_equal(png, np.asarray(Image.open(tmp_path / "ref.png")))

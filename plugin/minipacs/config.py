@@ -17,6 +17,7 @@ class Config:
     png_directory: Path
     database: Path
     png_compress_level: int
+    window_index: int
     queue_size: int
     reconcile_on_start: bool
 
@@ -26,6 +27,7 @@ _DEFAULTS: dict[str, Any] = {
     "PngDirectory": None,  # DataDirectory/png
     "Database": None,  # DataDirectory/index.sqlite
     "PngCompressLevel": 1,
+    "WindowIndex": 0,
     "QueueSize": 100000,
     "ReconcileOnStart": True,
 }
@@ -63,6 +65,9 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
     level = _typed(options, "PngCompressLevel", int)
     if not 0 <= level <= 9:
         raise ConfigError(f"{SECTION}.PngCompressLevel must be within 0..9, not {level}")
+    window_index = _typed(options, "WindowIndex", int)
+    if window_index < 0:
+        raise ConfigError(f"{SECTION}.WindowIndex must be at least 0, not {window_index}")
     queue_size = _typed(options, "QueueSize", int)
     if queue_size < 1:
         raise ConfigError(f"{SECTION}.QueueSize must be at least 1, not {queue_size}")
@@ -71,6 +76,7 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
         png_directory=path("PngDirectory", data / "png"),
         database=path("Database", data / "index.sqlite"),
         png_compress_level=level,
+        window_index=window_index,
         queue_size=queue_size,
         reconcile_on_start=_typed(options, "ReconcileOnStart", bool),
     )

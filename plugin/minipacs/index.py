@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS images (
     window_center REAL,
     window_width REAL,
     window_source TEXT,
+    voi_function TEXT,
+    inverted INTEGER,
+    decoder TEXT,
     indexed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 CREATE INDEX IF NOT EXISTS images_by_series ON images(series);
@@ -94,7 +97,9 @@ _IMAGE = """i.orthanc_id AS OrthancID, i.sop_uid AS SOPInstanceUID, se.series_ui
     i.columns AS Columns, i.frames AS NumberOfFrames, i.rendered_frame AS RenderedFrame,
     i.photometric AS PhotometricInterpretation, i.rescale_slope AS RescaleSlope,
     i.rescale_intercept AS RescaleIntercept, i.window_center AS WindowCenter,
-    i.window_width AS WindowWidth, i.window_source AS WindowSource, i.indexed_at AS IndexedAt"""
+    i.window_width AS WindowWidth, i.window_source AS WindowSource,
+    i.voi_function AS VOILUTFunction, i.inverted AS Inverted, i.decoder AS Decoder,
+    i.indexed_at AS IndexedAt"""
 _FROM_IMAGE = """images i JOIN series se ON se.orthanc_id = i.series
     JOIN studies s ON s.orthanc_id = se.study JOIN patients p ON p.orthanc_id = s.patient"""
 _FROM_SERIES = """series se JOIN studies s ON s.orthanc_id = se.study
@@ -179,7 +184,11 @@ class Index:
     # Reading -------------------------------------------------------------------------------
 
     def _all(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
-        return [dict(row) for row in self._connection().execute(sql, args)]
+        rows = [dict(row) for row in self._connection().execute(sql, args)]
+        for row in rows:  # SQLite has no booleans
+            if row.get("Inverted") is not None:
+                row["Inverted"] = bool(row["Inverted"])
+        return rows
 
     def _scalar(self, sql: str, args: tuple = ()) -> Any:
         return self._connection().execute(sql, args).fetchone()[0]

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from . import index as idx
 from .orthanc_ids import OrthancIds, orthanc_ids
-from .render import NoPixelData, RenderError, encode_png, render
+from .render import Decoder, NoPixelData, RenderError, encode_png, render
 
 log = logging.getLogger("minipacs")
 
@@ -37,11 +38,15 @@ class OrthancLookup(Protocol):
     def ids(self, instance_id: str) -> OrthancIds:
         """The instance's Orthanc IDs and those of its parents."""
 
+    def decode(self, data: bytes, frame: int) -> np.ndarray:
+        """Stored values of a frame by Orthanc's decoder, for files pydicom cannot decode."""
+
 
 @dataclass(frozen=True)
 class Settings:
     png_directory: Path
     png_compress_level: int = 1
+    window_index: int = 0
 
 
 def _text(source: Dataset | Tags, keyword: str) -> str | None:
@@ -91,10 +96,11 @@ def describe(source: Dataset | Tags, instance_id: str, lookup: OrthancLookup) ->
     )
 
 
-def _render_columns(ds: Dataset, png_path: Path, level: int) -> dict[str, Any]:
+def _render_columns(ds: Dataset, png_path: Path, settings: Settings,
+                    fallback: Decoder) -> dict[str, Any]:
     """Render the first frame to ``png_path``; the image columns that describe the outcome."""
     try:
-        shown = render(ds)
+        shown = render(ds, 0, settings.window_index, fallback)
     except NoPixelData as exc:
         return {"status": idx.NO_PIXEL_DATA, "status_detail": str(exc)}
     except RenderError as exc:
@@ -103,18 +109,28 @@ def _render_columns(ds: Dataset, png_path: Path, level: int) -> dict[str, Any]:
         log.exception("rendering %s failed unexpectedly", png_path.stem)
         return {"status": idx.RENDER_FAILED, "status_detail": f"{type(exc).__name__}: {exc}"}
     partial = png_path.with_suffix(".png.part")
-    partial.write_bytes(encode_png(shown.pixels, level))
+    partial.write_bytes(encode_png(shown.pixels, settings.png_compress_level))
     os.replace(partial, png_path)  # readers never see half a PNG
-    return {"status": idx.RENDERED, "status_detail": None, "png": png_path.name,
-            "frames": shown.frames, "rendered_frame": shown.frame,
-            "photometric": shown.photometric, "rescale_slope": shown.rescale_slope,
-            "rescale_intercept": shown.rescale_intercept, "window_center": shown.window_center,
-            "window_width": shown.window_width, "window_source": shown.window_source}
+    return {"status": idx.RENDERED, "png": png_path.name, "frames": shown.frames,
+            "rendered_frame": shown.frame, "photometric": shown.photometric,
+            "rescale_slope": shown.rescale_slope, "rescale_intercept": shown.rescale_intercept,
+            "window_center": shown.window_center, "window_width": shown.window_width,
+            "window_source": shown.window_source, "voi_function": shown.voi_function,
+            "inverted": shown.inverted, "decoder": shown.decoder}
 
 
 _EMPTY_RENDER = dict.fromkeys(("status_detail", "png", "frames", "rendered_frame", "photometric",
                                "rescale_slope", "rescale_intercept", "window_center",
-                               "window_width", "window_source"))
+                               "window_width", "window_source", "voi_function", "inverted",
+                               "decoder", "transfer_syntax"))
+
+
+def read_dataset(data: bytes) -> Dataset:
+    """Parse a stored file; ``force`` because Orthanc keeps files without a preamble as sent."""
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    if "SOPInstanceUID" not in ds:
+        raise InvalidDicomError("no SOP Instance UID where Orthanc found one")
+    return ds
 
 
 def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
@@ -122,23 +138,21 @@ def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
     """Render and index one instance; return its image columns.
 
     Orthanc's tags are asked for only when pydicom cannot read the file, so that even an
-    unreadable instance that Orthanc accepted gets its place in the hierarchy and a status.
+    unreadable instance that Orthanc accepted gets its place in the hierarchy and a status;
+    Orthanc's decoder only when pydicom's decoders fail.
     """
     png_path = settings.png_directory / f"{instance_id}.png"
     try:
-        # force: Orthanc keeps files without a preamble as they were sent.
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        if "SOPInstanceUID" not in ds:
-            raise InvalidDicomError("no SOP Instance UID where Orthanc found one")
-        record = describe(ds, instance_id, lookup)
-        columns = {**_EMPTY_RENDER, "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),
-                   **_render_columns(ds, png_path, settings.png_compress_level)}
-        if columns["frames"] is None and "NumberOfFrames" in ds:
-            columns["frames"] = _int(ds, "NumberOfFrames")
+        ds = read_dataset(data)
     except Exception as exc:  # pydicom could not parse what DCMTK accepted
         record = describe(lookup.tags(instance_id), instance_id, lookup)
-        columns = {**_EMPTY_RENDER, "transfer_syntax": None, "status": idx.UNREADABLE,
+        columns = {**_EMPTY_RENDER, "status": idx.UNREADABLE,
                    "status_detail": f"pydicom cannot read the file: {type(exc).__name__}: {exc}"}
+    else:
+        record = describe(ds, instance_id, lookup)
+        columns = {**_EMPTY_RENDER, "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),
+                   "frames": _int(ds, "NumberOfFrames"),
+                   **_render_columns(ds, png_path, settings, lambda f: lookup.decode(data, f))}
     if columns["status"] != idx.RENDERED:
         png_path.unlink(missing_ok=True)  # a re-sent instance that no longer renders
     image = {**record.image, **columns}

@@ -1,20 +1,39 @@
-"""DICOM → 8-bit display pixels, following the grayscale pipeline of DICOM PS3.3 C.11.
+"""DICOM → 8-bit display pixels: the grayscale and colour pipelines of DICOM PS3.3 C.11 and C.7.6.3.
 
-Modality LUT (C.11.1) → VOI LUT (C.11.2) → Presentation (C.11.6, MONOCHROME1 inverted), each a
-small pure function on numpy arrays. Colour images go to RGB (C.7.6.3.1.2). Training and the
-plugin both render through :func:`render`, so a model never sees pixels the archive would not.
+Stored values → Modality LUT (C.11.1) → VOI LUT (C.11.2) → Presentation LUT (C.11.6) → overlays
+(C.9.2), each a small pure function on numpy arrays. Where the standard leaves the arithmetic
+open (how a real value becomes an 8-bit one), we do what DCMTK 3.6.7, the reference renderer,
+does, so our PNGs are pixel-identical to ``dcm2pnm`` (tests/test_render_parity.py):
+
+* modality values of integer data are truncated toward zero (DCMTK keeps an integer buffer);
+* every real → 8-bit step truncates, and inversion (MONOCHROME1, shape INVERSE) swaps the output
+  range inside the VOI function instead of computing ``255 - x`` afterwards.
+
+Integer images go through a lookup table over their stored values (one table entry per value,
+one indexing per pixel), never per-pixel float math. Training and the plugin both call
+:func:`render`, so a model never sees pixels the archive would not.
 """
 
 import io
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.pixels import apply_color_lut, pixel_array
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# X-Ray Angiographic / RF: pixel values are not rescaled for display (DCMTK ignores their LUT).
+XRAY_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.12.2",
+                    "1.2.840.10008.5.1.4.1.1.12.3"}
+MAX_TABLE = 1 << 17  # integer images with a wider stored range are transformed per pixel
+
+
+#: Decodes frame N of the instance at hand into stored values, like pydicom's pixel_array.
+Decoder = Callable[[int], np.ndarray]
 
 
 class NoPixelData(Exception):
@@ -37,85 +56,383 @@ class Rendered:
     rescale_intercept: float | None = None
     window_center: float | None = None
     window_width: float | None = None
-    window_source: str | None = None  # "dataset", "voi_lut" or "minmax"
+    window_source: str | None = None  # "dataset", "functional_group", "voi_lut" or "minmax"
+    voi_function: str | None = None  # LINEAR, LINEAR_EXACT, SIGMOID, or None for a VOI LUT
+    inverted: bool = False
+    decoder: str = "pydicom"  # or "fallback": see decode()
 
 
-def first_value(value) -> float | None:
-    """The first of a possibly multi-valued numeric element (C.11.2.1.2 allows several windows)."""
+@dataclass(frozen=True)
+class Lut:
+    """A LUT of a Modality, VOI or palette sequence (C.11.1.1, C.11.2.1.1, C.7.6.3.1.5)."""
+
+    first: int  # the stored value mapped to the first entry
+    bits: int  # bits of each entry
+    data: np.ndarray  # int64 entries
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        """Values below the first entry map to it, above the last to the last (C.11.1.1)."""
+        return self.data[np.clip(values, self.first, self.first + len(self.data) - 1) - self.first]
+
+
+def read_lut(descriptor, data, little_endian: bool, signed: bool) -> Lut:
+    """A LUT from its descriptor [entries (0 = 65536), first mapped value, bits] and data.
+
+    OW data are raw bytes in the file's byte order; 8-bit entries may come packed two to a word.
+    The first mapped value is signed when the values it maps are (C.11.1.1).
+    """
+    count, first, bits = (int(x) for x in descriptor)
+    count = count or 65536
+    if isinstance(data, bytes):
+        words = np.frombuffer(data, "<u2" if little_endian else ">u2").astype(np.int64)
+    else:
+        words = np.asarray(data if isinstance(data, (list, MultiValue)) else [data], dtype=np.int64)
+    if len(words) == (count + 1) // 2 and count > 1:  # 8 bits allocated: two entries per word
+        words = np.frombuffer(words.astype("<u2").tobytes(), np.uint8)[:count].astype(np.int64)
+    if not 8 <= bits <= 16:  # a wrong descriptor: trust the data (as DCMTK does)
+        bits = min(16, max(8, int(words.max()).bit_length()))
+    if signed and first >= 0x8000:
+        first -= 0x10000
+    return Lut(first, bits, words & ((1 << bits) - 1))
+
+
+def first_value(value, index: int = 0) -> float | None:
+    """Value ``index`` of a possibly multi-valued element (C.11.2.1.2 allows several windows);
+    the last one when there are fewer."""
     if value is None or value == "":
         return None
     if isinstance(value, (MultiValue, list, tuple)):
-        return float(value[0]) if len(value) else None
+        return float(value[min(index, len(value) - 1)]) if len(value) else None
     return float(value)
 
 
-def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """VOI LUT Function LINEAR, PS3.3 C.11.2.1.2.1, onto 0..255.
+# Decoding -----------------------------------------------------------------------------------
 
-    y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255, clipped; ``width`` must be ≥ 1.
-    """
-    if width <= 1:
-        # C.11.2.1.2.1: w = 1 is a threshold at c - 0.5.
-        return np.where(values > center - 0.5, 255, 0).astype(np.uint8)
-    scaled = ((values - (center - 0.5)) / (width - 1) + 0.5) * 255.0
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+def decode(ds: Dataset, frame: int, fallback: Decoder | None = None) -> tuple[np.ndarray, str]:
+    """Stored values of one frame, and which decoder gave them ("pydicom" or "fallback").
+
+    Uncompressed colour stays in its own colour space (converted below, as DCMTK does); JPEG
+    decoders return YBR data as RGB, converted with the JPEG rounding DCMTK's codec uses too.
+    ``fallback`` (Orthanc's decoder, in the plugin) is tried when pydicom's decoders fail."""
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        # A bare data set (no Part 10 header, as Orthanc keeps some): its encoding as read.
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little is not False
+                                          else ExplicitVRBigEndian)
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        return pixel_array(ds, index=frame, raw=not syntax.is_compressed), "pydicom"
+    except Exception as exc:  # pydicom raises many types; the index records the message.
+        error = f"cannot decode pixel data ({syntax.name}): {type(exc).__name__}: {exc}"
+        if fallback is None:
+            raise RenderError(error) from exc
+        try:
+            return fallback(frame), "fallback"
+        except Exception as second:
+            raise RenderError(f"{error}; fallback decoder: {type(second).__name__}: {second}") from exc
 
 
-def minmax_window(values: np.ndarray) -> tuple[float, float]:
+# Orthanc's pixel formats (orthanc.PixelFormat names) as numpy types and samples per pixel.
+ORTHANC_FORMATS = {"GRAYSCALE8": ("u1", 1), "GRAYSCALE16": ("=u2", 1),
+                   "SIGNED_GRAYSCALE16": ("=i2", 1), "GRAYSCALE32": ("=u4", 1),
+                   "FLOAT32": ("=f4", 1), "RGB24": ("u1", 3), "RGB48": ("=u2", 3)}
+
+
+def image_array(buffer: bytes, width: int, height: int, pitch: int, pixel_format: str) -> np.ndarray:
+    """A decoded Orthanc image (rows of ``pitch`` bytes) as a numpy array of stored values."""
+    if pixel_format not in ORTHANC_FORMATS:
+        raise RenderError(f"Orthanc decoded to unsupported pixel format {pixel_format}")
+    dtype, samples = ORTHANC_FORMATS[pixel_format]
+    row = width * samples * np.dtype(dtype).itemsize
+    rows = np.frombuffer(buffer, np.uint8)[:pitch * height].reshape(height, pitch)[:, :row]
+    pixels = np.ascontiguousarray(rows).view(dtype).reshape(height, width, samples)
+    return pixels[..., 0] if samples == 1 else pixels
+
+
+def _functional_group(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
+    """The item of ``sequence`` for ``frame`` in an enhanced multi-frame image (C.7.6.16)."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame),
+                          ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(groups)
+        if items and len(items) > index and sequence in items[index] and items[index][sequence]:
+            return items[index][sequence][0]
+    return None
+
+
+# Modality LUT (C.11.1) ------------------------------------------------------------------------
+
+def rescale(ds: Dataset, frame: int) -> tuple[float, float] | None:
+    """Rescale Slope/Intercept (C.11.1.1.2), from the dataset or the frame's functional groups.
+
+    Both must be present and the slope non-zero, as DCMTK requires."""
+    source = ds if "RescaleSlope" in ds else _functional_group(ds, frame, "PixelValueTransformationSequence")
+    if source is None or "RescaleSlope" not in source or "RescaleIntercept" not in source:
+        return None
+    slope, intercept = float(source.RescaleSlope), float(source.RescaleIntercept)
+    return None if slope == 0 else (slope, intercept)
+
+
+def modality_lut(ds: Dataset, stored: np.ndarray, frame: int) -> tuple[np.ndarray, str | None]:
+    """Modality values of ``stored``: the Modality LUT Sequence if any, else Rescale.
+
+    Integer data stay integers (truncated toward zero); float pixel data stay floats.
+    Returns the values and the rescale parameters used (as text, for the index), if any."""
+    if str(ds.get("SOPClassUID", "")) in XRAY_SOP_CLASSES:
+        return stored, None
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    if ds.get("ModalityLUTSequence"):
+        item = ds.ModalityLUTSequence[0]
+        lut = read_lut(item.LUTDescriptor, item.LUTData, _little_endian(ds), signed)
+        return lut(stored.astype(np.int64)), None
+    params = rescale(ds, frame)
+    if params is None or params == (1.0, 0.0):
+        return stored, None
+    slope, intercept = params
+    values = stored.astype(np.float64) * slope + intercept if slope != 1 else stored + intercept
+    if stored.dtype.kind in "iu":
+        values = np.trunc(values).astype(np.int64)
+    return values, params
+
+
+def _little_endian(ds: Dataset) -> bool:
+    encoding = getattr(ds, "original_encoding", (None, None))
+    return encoding[1] is not False
+
+
+# VOI LUT (C.11.2): each maps modality values onto [low, high]; low > high inverts ----------
+
+def window_linear(values: np.ndarray, center: float, width: float,
+                  low: float = 0.0, high: float = 255.0) -> np.ndarray:
+    """VOI LUT Function LINEAR, C.11.2.1.2.1 (with the c - 0.5 and w - 1 terms).
+
+    Written as offset + x·gradient in DCMTK's order of operations, so the truncation to 8 bits
+    falls exactly where DCMTK's does. Width 1 is a threshold at c - 0.5."""
+    values = np.asarray(values, dtype=np.float64)
+    w1 = width - 1.0
+    left, right = center - 0.5 - w1 / 2.0, center - 0.5 + w1 / 2.0
+    if w1 == 0:
+        inside = np.full(values.shape, low)
+    else:
+        span = high - low
+        inside = (high - ((center - 0.5) / w1 + 0.5) * span) + values * (span / w1)
+    out = np.where(values <= left, low, np.where(values > right, high, inside))
+    return np.trunc(out).astype(np.uint8)
+
+
+def window_linear_exact(values: np.ndarray, center: float, width: float,
+                        low: float = 0.0, high: float = 255.0) -> np.ndarray:
+    """VOI LUT Function LINEAR_EXACT, C.11.2.1.3.2: no half-pixel terms."""
+    values = np.asarray(values, dtype=np.float64)
+    out = ((values - center) / width + 0.5) * (high - low) + low
+    out = np.where(values <= center - width / 2, low, np.where(values > center + width / 2, high, out))
+    return np.trunc(out).astype(np.uint8)
+
+
+def window_sigmoid(values: np.ndarray, center: float, width: float,
+                   low: float = 0.0, high: float = 255.0) -> np.ndarray:
+    """VOI LUT Function SIGMOID, C.11.2.1.3.1."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.trunc((high - low) / (1.0 + np.exp(-4.0 * (values - center) / width)) + low).astype(np.uint8)
+
+
+WINDOW_FUNCTIONS = {"LINEAR": window_linear, "LINEAR_EXACT": window_linear_exact,
+                    "SIGMOID": window_sigmoid}
+
+
+def apply_voi_lut(values: np.ndarray, lut: Lut, low: float = 0.0, high: float = 255.0) -> np.ndarray:
+    """A VOI LUT Sequence item (C.11.2.1.1): its output range 0..2^bits maps onto low..high.
+
+    DCMTK scales by (high - low + 1) / 2^bits; for a 16-bit LUT that is entry >> 8."""
+    scale = (high - low + (1.0 if high >= low else -1.0)) / float(1 << lut.bits)
+    return np.trunc(low + lut(np.asarray(values, dtype=np.int64)).astype(np.float64) * scale).astype(np.uint8)
+
+
+def minmax_window(vmin: float, vmax: float) -> tuple[float, float]:
     """The window spanning all modality values: c = (min + max + 1) / 2, w = max - min + 1.
 
-    This is what DCMTK's ``+Wm`` and Cornerstone do for images without a window, so such images
-    are rendered rather than skipped.
-    """
-    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
-    return (lo + hi + 1.0) / 2.0, hi - lo + 1.0
+    What DCMTK's ``+Wm`` and Cornerstone do for images without a window, so such images are
+    rendered rather than skipped."""
+    return (vmin + vmax + 1.0) / 2.0, vmax - vmin + 1.0
 
 
-def invert(pixels: np.ndarray) -> np.ndarray:
-    """MONOCHROME1: the minimum value is displayed white (C.7.6.3.1.2)."""
-    return 255 - pixels
+# Presentation (C.11.6) ------------------------------------------------------------------------
+
+def is_inverted(ds: Dataset) -> bool:
+    """Whether the minimum value is displayed white: Presentation LUT Shape INVERSE, or
+    MONOCHROME1 without a Presentation LUT Shape (C.7.6.3.1.2, C.11.6.1)."""
+    shape = str(ds.get("PresentationLUTShape", "")).strip()
+    if shape:
+        return shape == "INVERSE"
+    return str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
 
 
-def to_uint8_color(rgb: np.ndarray, bits_stored: int) -> np.ndarray:
-    """Scale RGB samples of ``bits_stored`` bits to 8 bits."""
-    if rgb.dtype == np.uint8:
-        return rgb
-    top = float((1 << bits_stored) - 1) if bits_stored else float(rgb.max() or 1)
-    return np.clip(np.rint(rgb.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+# Grayscale ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Voi:
+    """The VOI transformation chosen for an image, as recorded in the index."""
+
+    source: str
+    center: float | None = None
+    width: float | None = None
+    function: str | None = None
+    lut: Lut | None = None
+
+    def __call__(self, values: np.ndarray, low: float, high: float) -> np.ndarray:
+        if self.lut is not None:
+            return apply_voi_lut(values, self.lut, low, high)
+        return WINDOW_FUNCTIONS[self.function](values, self.center, self.width, low, high)
 
 
-def _decode(ds: Dataset, frame: int) -> np.ndarray:
-    try:
-        ds.pixel_array_options(index=frame)
-        return ds.pixel_array
-    except Exception as exc:  # pydicom raises many types; the index records the message.
-        raise RenderError(f"cannot decode pixel data: {type(exc).__name__}: {exc}") from exc
+def choose_voi(ds: Dataset, frame: int, vmin: float, vmax: float, index: int = 0) -> Voi:
+    """The VOI of C.11.2: the window ``index`` (dataset, then the frame's functional groups),
+    else VOI LUT ``index``, else the min-max window. A width below 1 is no window (C.11.2.1.2)."""
+    for source, item in (("dataset", ds),
+                         ("functional_group", _functional_group(ds, frame, "FrameVOILUTSequence"))):
+        if item is None:
+            continue
+        center = first_value(item.get("WindowCenter"), index)
+        width = first_value(item.get("WindowWidth"), index)
+        if center is not None and width is not None and width >= 1:
+            function = str(item.get("VOILUTFunction", "LINEAR")).strip() or "LINEAR"
+            return Voi(source, center, width, function if function in WINDOW_FUNCTIONS else "LINEAR")
+    luts = ds.get("VOILUTSequence")
+    if luts:
+        item = luts[min(index, len(luts) - 1)]
+        lut = read_lut(item.LUTDescriptor, item.LUTData, _little_endian(ds), vmin < 0)
+        return Voi("voi_lut", lut=lut)
+    center, width = minmax_window(vmin, vmax)
+    return Voi("minmax", center, width, "LINEAR")
 
 
-def _grayscale(ds: Dataset, stored: np.ndarray) -> tuple[np.ndarray, dict]:
-    values = apply_modality_lut(stored, ds).astype(np.float64, copy=False)
-    if not np.isfinite(values).all():
-        raise RenderError("pixel data holds NaN or infinite values")
-    center = first_value(ds.get("WindowCenter"))
-    width = first_value(ds.get("WindowWidth"))
-    source = "dataset"
-    if center is None or width is None or width <= 0:
-        center, width = minmax_window(values)
-        source = "minmax"
-    pixels = window_linear(values, center, width)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        pixels = invert(pixels)
-    return pixels, {
-        "rescale_slope": float(ds.get("RescaleSlope", 1) or 1),
-        "rescale_intercept": float(ds.get("RescaleIntercept", 0) or 0),
-        "window_center": center,
-        "window_width": width,
-        "window_source": source,
-    }
+def _grayscale(ds: Dataset, stored: np.ndarray, frame: int, window_index: int) -> tuple[np.ndarray, dict]:
+    low, high = (255.0, 0.0) if is_inverted(ds) else (0.0, 255.0)
+    if stored.dtype.kind in "iu":
+        lo, hi = int(stored.min()), int(stored.max())
+        table = hi - lo < MAX_TABLE
+    else:
+        table = False
+    if table:
+        # Transform each stored value that occurs once, then index: the values' order is kept.
+        present = np.arange(lo, hi + 1, dtype=np.int64)
+        values, params = modality_lut(ds, present, frame)
+        if ds.get("ModalityLUTSequence") and str(ds.get("SOPClassUID", "")) not in XRAY_SOP_CLASSES:
+            used = np.bincount((stored.astype(np.int64) - lo).ravel(), minlength=len(present)) > 0
+            vmin, vmax = values[used].min(), values[used].max()
+        else:
+            vmin, vmax = values.min(), values.max()  # rescale is monotonic
+    else:
+        values, params = modality_lut(ds, stored, frame)
+        if not np.isfinite(values).all():
+            raise RenderError("pixel data holds NaN or infinite values")
+        vmin, vmax = values.min(), values.max()
+    voi = choose_voi(ds, frame, float(vmin), float(vmax), window_index)
+    shown = voi(values, low, high)
+    pixels = shown[stored.astype(np.int64) - lo] if table else shown
+    slope, intercept = params if params else (None, None)
+    return pixels, {"rescale_slope": slope, "rescale_intercept": intercept,
+                    "window_center": voi.center, "window_width": voi.width,
+                    "window_source": voi.source, "voi_function": voi.function,
+                    "inverted": low > high}
 
 
-def render(ds: Dataset, frame: int = 0) -> Rendered:
-    """Render one frame of ``ds`` for display: 8-bit grey or RGB."""
+# Colour (C.7.6.3.1.2) -------------------------------------------------------------------------
+
+def to_8_bits(samples: np.ndarray, bits: int) -> np.ndarray:
+    """Colour samples of ``bits`` bits → 8 bits: shifted down, or scaled up when fewer."""
+    samples = samples.astype(np.int64)
+    if bits > 8:
+        return (samples >> (bits - 8)).astype(np.uint8)
+    if bits < 8:
+        return np.trunc(samples * (255.0 / ((1 << bits) - 1))).astype(np.uint8)
+    return samples.astype(np.uint8)
+
+
+def ybr_full_to_rgb(ybr: np.ndarray, bits: int, tables: bool = False) -> np.ndarray:
+    """YBR_FULL / YBR_FULL_422 → RGB, C.7.6.3.1.2 equations, truncated and clipped to 0..2^bits-1.
+
+    For 8-bit YBR_FULL (not 422) DCMTK adds pre-truncated terms from integer tables; so do we,
+    since the two differ by up to 2 levels."""
+    top = (1 << bits) - 1
+    y, cb, cr = (ybr[..., i].astype(np.int64) for i in range(3))
+    if tables:
+        level = np.arange(256, dtype=np.float64)
+        t = lambda a: np.trunc(a).astype(np.int64)  # noqa: E731
+        r = y + t(1.4020 * level - 0.7010 * 255.0)[cr]
+        g = y - t(0.3441 * level)[cb] - t(0.7141 * level - 0.5291 * 255.0)[cr]
+        b = y + t(1.7720 * level - 0.8859 * 255.0)[cb]
+        return np.clip(np.stack([r, g, b], axis=-1), 0, 255)
+    y, cb, cr = (c.astype(np.float64) for c in (y, cb, cr))
+    rgb = np.stack([y + 1.4020 * cr - 0.7010 * top,
+                    y - 0.3441 * cb - 0.7141 * cr + 0.5291 * top,
+                    y + 1.7720 * cb - 0.8859 * top], axis=-1)
+    return np.trunc(np.clip(rgb, 0, top)).astype(np.int64)
+
+
+def palette_to_rgb(ds: Dataset, indices: np.ndarray) -> tuple[np.ndarray, int]:
+    """PALETTE COLOR through its three LUTs (C.7.6.3.1.5, C.7.9); returns RGB and entry bits."""
+    if "SegmentedRedPaletteColorLookupTableData" in ds:
+        rgb = apply_color_lut(indices, ds)
+        return rgb, 8 if rgb.dtype == np.uint8 else 16
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    luts = [read_lut(ds[f"{c}PaletteColorLookupTableDescriptor"].value,
+                     ds[f"{c}PaletteColorLookupTableData"].value, _little_endian(ds), signed)
+            for c in ("Red", "Green", "Blue")]
+    indices = indices.astype(np.int64)
+    return np.stack([lut(indices) for lut in luts], axis=-1), max(lut.bits for lut in luts)
+
+
+def _colour(ds: Dataset, stored: np.ndarray, photometric: str, decoded_rgb: bool) -> np.ndarray:
+    bits = int(ds.get("BitsStored", 8))
+    if photometric == "PALETTE COLOR":
+        rgb, bits = palette_to_rgb(ds, stored)
+        return to_8_bits(rgb, bits)
+    if stored.ndim != 3 or stored.shape[-1] != 3:
+        raise RenderError(f"{photometric} image decoded to shape {stored.shape}, not 3 samples")
+    samples = stored.astype(np.int64)
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        samples = samples + (1 << (bits - 1))  # signed colour: shift to unsigned
+    if photometric in ("YBR_FULL", "YBR_FULL_422") and not decoded_rgb:
+        tables = photometric == "YBR_FULL" and bits == 8 and samples.max() < 256
+        samples = ybr_full_to_rgb(samples, bits, tables)
+    # RGB, and YBR_ICT/RCT/PARTIAL that the JPEG decoders already turned into RGB.
+    return to_8_bits(samples, bits)
+
+
+# Overlays (C.9.2) -----------------------------------------------------------------------------
+
+def burn_overlays(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Overlay planes (groups 6000-601E) shown as white at their origin, as DCMTK does."""
+    for group in range(0x6000, 0x6020, 2):
+        if (group, 0x3000) not in ds:
+            continue
+        try:
+            plane = ds.overlay_array(group).astype(bool)
+            row, col = (int(v) - 1 for v in ds[group, 0x0050].value)  # Overlay Origin, 1-based
+        except Exception as exc:
+            raise RenderError(f"cannot read overlay {group:04X}: {exc}") from exc
+        if plane.ndim == 3:
+            plane = plane[0]
+        pixels = pixels.copy() if pixels is not None else pixels
+        h, w = pixels.shape[:2]
+        top, left = max(row, 0), max(col, 0)
+        bottom, right = min(row + plane.shape[0], h), min(col + plane.shape[1], w)
+        if bottom > top and right > left:
+            region = plane[top - row:bottom - row, left - col:right - col]
+            pixels[top:bottom, left:right][region] = 255
+    return pixels
+
+
+# The pipeline ---------------------------------------------------------------------------------
+
+def render(ds: Dataset, frame: int = 0, window_index: int = 0,
+           fallback: Decoder | None = None) -> Rendered:
+    """Render one frame of ``ds`` for display: 8-bit grey or RGB.
+
+    ``window_index`` picks among several windows (or VOI LUTs); the last is used if there are
+    fewer. ``fallback`` decodes frames pydicom cannot (see :func:`decode`)."""
     if not any(k in ds for k in PIXEL_KEYWORDS):
         raise NoPixelData("no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
@@ -125,21 +442,21 @@ def render(ds: Dataset, frame: int = 0) -> Rendered:
         raise RenderError(f"invalid Number of Frames: {exc}") from exc
     if not 0 <= frame < frames:
         raise RenderError(f"frame {frame} out of range: the image has {frames} frame(s)")
-    stored = _decode(ds, frame)
+    stored, decoder = decode(ds, frame, fallback)
+    if stored.ndim not in (2, 3) or 0 in stored.shape:
+        raise RenderError(f"unexpected decoded shape {stored.shape}")
     params: dict = {}
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
-        pixels, params = _grayscale(ds, stored)
-    elif photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(stored, ds)  # uint8 or uint16, after the palette's entry size
-        pixels = to_uint8_color(rgb, 8 if rgb.dtype == np.uint8 else 16)
-    elif stored.ndim == 3 and stored.shape[-1] == 3:
-        # pydicom converts YBR_* to RGB while decoding.
-        pixels = to_uint8_color(stored, int(ds.get("BitsStored", 8)))
+        if stored.ndim != 2:
+            raise RenderError(f"{photometric} image decoded to shape {stored.shape}")
+        pixels, params = _grayscale(ds, stored, frame, window_index)
+    elif photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT",
+                         "YBR_PARTIAL_420", "PALETTE COLOR"):
+        pixels = _colour(ds, stored, photometric, ds.file_meta.TransferSyntaxUID.is_compressed)
     else:
         raise RenderError(f"unsupported Photometric Interpretation {photometric!r}")
-    if pixels.ndim not in (2, 3) or 0 in pixels.shape:
-        raise RenderError(f"unexpected decoded shape {stored.shape}")
-    return Rendered(pixels=pixels, photometric=photometric, frames=frames, frame=frame, **params)
+    return Rendered(pixels=burn_overlays(pixels, ds), photometric=photometric, frames=frames,
+                    frame=frame, decoder=decoder, **params)
 
 
 def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:

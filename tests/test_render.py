@@ -211,7 +211,15 @@ def test_orthanc_image_buffers_with_padding_rows():
         image_array(b"", 1, 1, 4, "BGRA32")
 
 
-def test_png_round_trip():
-    pixels = render(pydicom.dcmread(find("CT_small.dcm"))).pixels
-    decoded = np.asarray(Image.open(io.BytesIO(encode_png(pixels))))
-    assert np.array_equal(decoded, pixels)
+@pytest.mark.parametrize("name", ["CT_small.dcm", "US1_UNCI.dcm", "SC_rgb_small_odd.dcm"])
+def test_png_round_trip(name):
+    pixels = render(pydicom.dcmread(find(name))).pixels
+    for level in (0, 1, 9):
+        decoded = Image.open(io.BytesIO(encode_png(pixels, level)))
+        assert decoded.mode == ("L" if pixels.ndim == 2 else "RGB")
+        assert np.array_equal(np.asarray(decoded), pixels)
+
+
+def test_png_of_a_single_row():
+    pixels = np.array([[0, 255, 7]], dtype=np.uint8)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(pixels)))), pixels)

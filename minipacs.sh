@@ -2,6 +2,7 @@
 # minipacs: install what is missing, then start Orthanc with the plugin, or run the tests.
 #   ./minipacs.sh start [orthanc.json]   Orthanc + minipacs on :8042 / DICOM :4242, demo data if empty
 #   ./minipacs.sh test [pytest args]     the whole test suite
+#   ./minipacs.sh bench                  the benchmarks in bench/ (results in bench/results/)
 #   ./minipacs.sh setup [--dev]          only install (apt packages, .venv); --dev adds test tools
 # Re-running is fast: apt and pip run only when something is missing or requirements changed.
 set -euo pipefail
@@ -79,5 +80,10 @@ case "${1:-}" in
     orthanc_env
     exec "$VENV/bin/python" -m pytest tests "$@"
     ;;
-  *) sed -n '2,6p' "$0" >&2; exit 2 ;;
+  bench)
+    setup --dev
+    "$VENV/bin/python" bench/render.py --json bench/results/render.json
+    "$VENV/bin/python" bench/png_options.py
+    ;;
+  *) sed -n '2,7p' "$0" >&2; exit 2 ;;
 esac

@@ -308,6 +308,15 @@ def choose_voi(ds: Dataset, frame: int, vmin: float, vmax: float, index: int = 0
     return Voi("minmax", center, width, "LINEAR")
 
 
+def _offsets(stored: np.ndarray, lo: int) -> np.ndarray:
+    """stored - lo, the index into a table starting at ``lo``; for 8/16-bit data computed in
+    unsigned modular arithmetic, which is exact since the range is below 2^16, and cheap."""
+    if stored.itemsize > 2:
+        return stored.astype(np.int64) - lo
+    unsigned = np.dtype(f"u{stored.itemsize}")
+    return np.subtract(stored.view(unsigned), np.array(lo).astype(unsigned))
+
+
 def _grayscale(ds: Dataset, stored: np.ndarray, frame: int, window_index: int) -> tuple[np.ndarray, dict]:
     low, high = (255.0, 0.0) if is_inverted(ds) else (0.0, 255.0)
     if stored.dtype.kind in "iu":
@@ -319,8 +328,9 @@ def _grayscale(ds: Dataset, stored: np.ndarray, frame: int, window_index: int) -
         # Transform each stored value that occurs once, then index: the values' order is kept.
         present = np.arange(lo, hi + 1, dtype=np.int64)
         values, params = modality_lut(ds, present, frame)
-        if ds.get("ModalityLUTSequence") and str(ds.get("SOPClassUID", "")) not in XRAY_SOP_CLASSES:
-            used = np.bincount((stored.astype(np.int64) - lo).ravel(), minlength=len(present)) > 0
+        offsets = _offsets(stored, lo)
+        if ds.get("ModalityLUTSequence"):  # not monotonic: only the values that occur count
+            used = np.bincount(offsets.ravel(), minlength=len(present)) > 0
             vmin, vmax = values[used].min(), values[used].max()
         else:
             vmin, vmax = values.min(), values.max()  # rescale is monotonic
@@ -331,13 +341,7 @@ def _grayscale(ds: Dataset, stored: np.ndarray, frame: int, window_index: int) -
         vmin, vmax = values.min(), values.max()
     voi = choose_voi(ds, frame, float(vmin), float(vmax), window_index)
     shown = voi(values, low, high)
-    if table:
-        # stored - lo in 16-bit modular arithmetic is the exact table offset (range < 2^16).
-        offsets = np.subtract(stored.view(f"u{stored.itemsize}"), np.array(lo).astype(f"u{stored.itemsize}")) \
-            if stored.itemsize <= 2 else stored.astype(np.int64) - lo
-        pixels = np.take(shown, offsets)
-    else:
-        pixels = shown
+    pixels = np.take(shown, offsets) if table else shown
     slope, intercept = params if params else (None, None)
     return pixels, {"rescale_slope": slope, "rescale_intercept": intercept,
                     "window_center": voi.center, "window_width": voi.width,
@@ -422,7 +426,7 @@ def burn_overlays(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
             raise RenderError(f"cannot read overlay {group:04X}: {exc}") from exc
         if plane.ndim == 3:
             plane = plane[0]
-        pixels = pixels.copy() if pixels is not None else pixels
+        pixels = pixels.copy()  # leave the caller's array alone
         h, w = pixels.shape[:2]
         top, left = max(row, 0), max(col, 0)
         bottom, right = min(row + plane.shape[0], h), min(col + plane.shape[1], w)

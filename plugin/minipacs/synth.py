@@ -179,7 +179,7 @@ class Tubes:
 
 
 def strokes(draw, x0, y0, x1, y1, width, fills):
-    """Lines with a round start, in pixels (Pillow has no round caps): a tube seen from the side
+    """Lines with round ends, in pixels (Pillow has no round caps): a tube seen from the side
     or end on."""
     for a, b, c, d, w, f in zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist(),
                                 width.tolist(), fills):
@@ -187,6 +187,7 @@ def strokes(draw, x0, y0, x1, y1, width, fills):
         draw.ellipse((a - h, b - h, a + h, b + h), fill=f)
         if abs(c - a) + abs(d - b) > h:
             draw.line((a, b, c, d), fill=f, width=max(1, round(w)))
+            draw.ellipse((c - h, d - h, c + h, d + h), fill=f)
 
 
 def paint_tubes(draw, grid, tubes, z, half, fill, scale=1.0):
@@ -316,7 +317,7 @@ class Section:
     A: object  # rib cage semi-axes and centre y
     B: object
     cy: object
-    apex: object  # 1 → 0 as the lungs end at the apices
+    apex: object  # 1 → 0 as the lungs end, at the apices and below the bases
     shoulders: object  # 0 → 1 towards the shoulders
     medial: object  # half-width of the mediastinum, between the lungs
 
@@ -326,7 +327,7 @@ def chest_section(ch: Chest, z) -> Section:
     n = np.clip((t - 0.3) / 0.7, 0, 1) ** 2
     B = ch.depth * (1 - 0.2 * n)
     return Section(A=ch.width * (1 - 0.3 * n), B=B, cy=ch.depth - B,  # the back stays on the table
-                   apex=np.sqrt(np.clip((1.02 - t) / 0.3, 0, 1)),
+                   apex=np.sqrt(np.clip((1.02 - t) / 0.3, 0, 1) * np.clip((t + 0.03) / 0.08, 0, 1)),
                    shoulders=smoothstep((t - 0.88) / 0.25),
                    medial=ch.width * (0.1 + 0.12 * np.exp(-((t - 0.72) / 0.15) ** 2)))
 
@@ -336,12 +337,25 @@ def lung_ellipse(ch: Chest, s: Section, side: int):
     return (side * 0.45 * s.A, s.cy + 0.05 * s.B, 0.75 * s.A * s.apex, 1.2 * s.B * s.apex)
 
 
+def medial_border(s: Section, y):
+    """Half-width of the mediastinum at y: widest mid-chest, narrow where the lungs nearly
+    meet in front (anterior junction) and behind (beside the spine)."""
+    return s.medial * (0.3 + 0.7 * np.exp(-((y - s.cy + 0.1 * s.B) / (0.55 * s.B)) ** 2))
+
+
+def mediastinum_depth(s: Section, x):
+    """Length along y of the mediastinum at x (the inverse of ``medial_border``): what a PA
+    beam crosses between the lungs."""
+    q = np.clip((np.abs(x) / s.medial - 0.3) / 0.7, 1e-6, 1.0)
+    return np.where(np.abs(x) < 0.3 * s.medial, 4 * s.B, 1.1 * s.B * np.sqrt(-np.log(q)))
+
+
 def in_lung(ch: Chest, p, margin=3.0) -> bool:
     x, y, z = p
     s = chest_section(ch, z)
     side = 1 if x > 0 else -1
     lx, ly, la, lb = lung_ellipse(ch, s, side)
-    if (abs(x) < s.medial + margin or la <= margin
+    if (abs(x) < medial_border(s, y) + margin or la <= margin
             or (x / (s.A - margin)) ** 2 + ((y - s.cy) / (s.B - margin)) ** 2 > 1
             or ((x - lx) / (la - margin)) ** 2 + ((y - ly) / (lb - margin)) ** 2 > 1):
         return False
@@ -356,16 +370,16 @@ def in_lung(ch: Chest, p, margin=3.0) -> bool:
 def make_chest(rng) -> Chest:
     """A plausible thorax: sizes vary by patient, positions are fractions of them."""
     H, W, D = rng.uniform(215, 275), rng.uniform(118, 150), rng.uniform(82, 108)
-    heart = Ellipsoid(0.12 * W, -0.3 * D, 0.3 * H, 0.48 * W, 0.5 * D, 0.2 * H, -0.6)
+    heart = Ellipsoid(0.12 * W, -0.3 * D, 0.34 * H, 0.48 * W, 0.5 * D, 0.19 * H, -0.6)
     organs = (
-        (Ellipsoid(-0.3 * W, -0.2 * D, -0.08 * H, 0.95 * W, 1.0 * D, rng.uniform(.29, .34) * H), T.LIVER, 0),
-        (Ellipsoid(0.35 * W, -0.15 * D, -0.1 * H, 0.85 * W, 0.95 * D, rng.uniform(.25, .3) * H), T.SPLEEN, 0),
+        (Ellipsoid(-0.4 * W, -0.2 * D, -0.08 * H, 0.8 * W, 1.0 * D, rng.uniform(.27, .32) * H), T.LIVER, 0),
+        (Ellipsoid(0.45 * W, -0.1 * D, -0.1 * H, 0.65 * W, 0.95 * D, rng.uniform(.22, .27) * H), T.SPLEEN, 0),
         (heart, T.FAT, 4.0),  # pericardial fat
         (heart, T.HEART, 0),
-        (Ellipsoid(0.2 * W, -0.28 * D, 0.28 * H, 0.22 * W, 0.25 * D, 0.13 * H, -0.6), T.BLOOD, 0),
-        (Ellipsoid(0.0, -0.5 * D, 0.27 * H, 0.22 * W, 0.15 * D, 0.12 * H, -0.6), T.BLOOD, 0),
-        (Ellipsoid(0.05 * W, -0.05 * D, 0.42 * H, 0.2 * W, 0.15 * D, 0.07 * H), T.BLOOD, 0),
-        (Ellipsoid(-0.2 * W, -0.3 * D, 0.32 * H, 0.15 * W, 0.2 * D, 0.1 * H), T.BLOOD, 0),
+        (Ellipsoid(0.27 * W, -0.25 * D, 0.31 * H, 0.16 * W, 0.2 * D, 0.12 * H, -0.6), T.BLOOD, 0),  # LV
+        (Ellipsoid(0.02 * W, -0.52 * D, 0.31 * H, 0.18 * W, 0.1 * D, 0.11 * H, -0.6), T.BLOOD, 0),  # RV
+        (Ellipsoid(0.05 * W, -0.08 * D, 0.46 * H, 0.18 * W, 0.12 * D, 0.07 * H), T.BLOOD, 0),  # LA
+        (Ellipsoid(-0.22 * W, -0.28 * D, 0.37 * H, 0.12 * W, 0.16 * D, 0.1 * H), T.BLOOD, 0),  # RA
     )
     ys, rv = 0.8 * D, 0.14 * W
     mediastinum_y = ys - rv
@@ -392,10 +406,10 @@ def make_chest(rng) -> Chest:
     for side, hilum in zip((-1, 1), hila):
         lobes = [(hilum, (side * 0.6, -0.2, 0.8), 4.5), (hilum, (side * 0.7, -0.6, -0.4), 4.0),
                  (hilum, (side * 0.5, 0.6, -0.7), 5.0)]
-        skeleton.append(grow_tree(rng, lobes, inside, 0.6, 900))
+        skeleton.append(grow_tree(rng, lobes, inside, 0.6, 1500))
         vein_root = hilum + (-side * 10, -8, -0.14 * H)
         veins.append(grow_tree(rng, [(vein_root, (side * 0.8, 0.1, -0.5), 4.5),
-                                     (vein_root, (side * 0.7, -0.3, 0.6), 4.5)], inside, 0.6, 700))
+                                     (vein_root, (side * 0.7, -0.3, 0.6), 4.5)], inside, 0.6, 1200))
     skeleton = skeleton[0] + skeleton[1]
     # Arteries run beside their bronchus: the same tree, shifted sideways by about a diameter.
     direction = skeleton.p1 - skeleton.p0
@@ -477,7 +491,7 @@ def chest_labels(ch: Chest, grid: Grid, z: float, half: float) -> np.ndarray:
         lx, ly, la, lb = (float(v) for v in lung_ellipse(ch, s, side))
         if la > 1:
             px, py = clamp_into(*ellipse_xy(lx, ly, la, lb), cage)
-            polygon(draw, grid, side * np.maximum(side * px, float(s.medial)), py, T.LUNG)
+            polygon(draw, grid, side * np.maximum(side * px, medial_border(s, py)), py, T.LUNG)
     thin = min(half, 1.5)  # vessels and ribs as in a thin slice: a thick one would show trees
     paint_tubes(draw, grid, ch.arteries, z, thin, T.VESSEL)
     paint_tubes(draw, grid, ch.veins, z, thin, T.VESSEL)
@@ -498,8 +512,8 @@ def chest_labels(ch: Chest, grid: Grid, z: float, half: float) -> np.ndarray:
             polygon(draw, grid, *ellipse_xy(0, cy - B - 0.45 * ch.wall, a, b), fill)
     if 0.55 < t < 1.15:  # scapulae, behind the ribs
         for side in (-1, 1):
-            draw.line((grid.px(side * 0.35 * A), grid.px(ch.depth + 0.5 * ch.wall),
-                       grid.px(side * (A + 0.5 * ch.wall)), grid.px(ch.depth - 0.5 * B)),
+            draw.line((grid.px(side * 0.3 * A), grid.px(ch.depth + 0.6 * ch.wall),
+                       grid.px(side * (A + 0.3 * ch.wall)), grid.px(ch.depth - 0.2 * B)),
                       fill=T.CORTEX, width=max(1, round(5 / grid.spacing)))
     return np.asarray(img)
 
@@ -769,7 +783,7 @@ def chest_projection(ch: Chest, grid: Grid, lateral: bool) -> np.ndarray:
             cage_half = s.A * np.sqrt(np.clip(1 - ((u - s.cy) / s.B) ** 2, 0, None))
             lung_half = la * np.sqrt(np.clip(1 - ((u - ly) / np.maximum(lb, 1e-3)) ** 2, 0, None))
             lungs = lungs + np.clip(np.minimum(cage_half, abs(lx) + lung_half)
-                                    - np.maximum(s.medial, abs(lx) - lung_half), 0, None)
+                                    - np.maximum(medial_border(s, u), abs(lx) - lung_half), 0, None)
         organs = sum(chord(u, o.y, o.b * o.scale(z), o.a * o.scale(z)) for o, fill, grow in ch.organs
                      if fill != T.BLOOD)
         spine = chord(u, ch.spine_y, ch.vertebra, ch.vertebra)
@@ -778,13 +792,13 @@ def chest_projection(ch: Chest, grid: Grid, lateral: bool) -> np.ndarray:
         lungs = 0
         for side in (-1, 1):
             lx, ly, la, lb = lung_ellipse(ch, s, side)
-            lungs = lungs + np.minimum(chord(u, 0, s.A, s.B), chord(u, lx, np.maximum(la, 1e-3), lb)) * (
-                side * u > s.medial)
+            lungs = lungs + np.minimum(chord(u, 0, s.A, s.B), chord(u, lx, la, lb)) * (side * u > 0)
+        lungs = np.clip(lungs - mediastinum_depth(s, u), 0, None)
         organs = sum(chord(u, o.x, o.a * o.scale(z), o.b * o.scale(z)) for o, fill, grow in ch.organs
                      if fill != T.BLOOD)
         spine = chord(u, 0, ch.vertebra, ch.vertebra)
     disc = (z - ch.spine_phase) % 26 < 5
-    path = body - 0.8 * np.clip(lungs - organs, 0, None) + 1.2 * spine * np.where(disc, 0.4, 1.0)
+    path = body - 0.85 * np.clip(lungs - organs, 0, None) + 0.5 * spine * np.where(disc, 0.6, 1.0)
     return path + projected_strokes(ch, grid, lateral)
 
 
@@ -795,8 +809,8 @@ def projected_strokes(ch: Chest, grid: Grid, lateral: bool) -> np.ndarray:
     draw = ImageDraw.Draw(img)
     col = 1 if lateral else 0
     row = lambda z: grid.px(0.45 * ch.height - z)  # noqa: E731
-    for tubes, gain in ((ch.arteries + ch.veins, 1.2), (ch.great_vessels.where(slice(0, 6)), 0.5),
-                        (ch.central_airways, -1.4)):
+    knob = ch.great_vessels.where(slice(1, 5))  # the aortic arch; the rest hides in the mediastinum
+    for tubes, gain in ((ch.arteries + ch.veins, 2.0), (knob, 0.4), (ch.central_airways, -1.2)):
         big = tubes.where(tubes.r >= 0.9)
         strokes(draw, grid.px(big.p0[:, col]), row(big.p0[:, 2]), grid.px(big.p1[:, col]),
                 row(big.p1[:, 2]), 2 * big.r / grid.spacing, (gain * 2 * big.r).tolist())
@@ -807,9 +821,9 @@ def projected_strokes(ch: Chest, grid: Grid, lateral: bool) -> np.ndarray:
         s = chest_section(ch, z)
         for side in (-1, 1) if not lateral else (1,):
             u = s.cy + (s.B + 4) * np.cos(f) if lateral else side * (s.A + 7) * np.sin(f)
-            bone = f <= cartilage
-            draw.line(np.column_stack((grid.px(u[bone]), row(z[bone]))).ravel().tolist(),
-                      fill=9.0, width=max(1, round(9 / grid.spacing)))
+            line = np.column_stack((grid.px(u[f <= cartilage]), row(z[f <= cartilage]))).ravel().tolist()
+            for fill, width in ((9.0, 10), (5.0, 6)):  # cortex seen edge-on is denser than the middle
+                draw.line(line, fill=fill, width=max(1, round(width / grid.spacing)))
     H, W = ch.height, ch.width
     for side in (-1, 1):
         if lateral:
@@ -827,7 +841,7 @@ def radiograph(ch: Chest, grid: Grid, lateral: bool, rng) -> np.ndarray:
     lead collimation at the borders and a side marker."""
     p = 0.021 * chest_projection(ch, grid, lateral)
     p += rng.standard_normal(p.shape, dtype=np.float32) * (0.006 * np.exp(p / 2))
-    p = p - 0.45 * resized(resized(p, 24, 24), *p.shape) + 0.7 * (p - binomial(binomial(p)))
+    p = p - 0.3 * resized(resized(p, 24, 24), *p.shape) + 0.7 * (p - binomial(binomial(p)))
     lo, hi = np.percentile(p[::4, ::4], (1, 99.5))
     v = (p - lo) * (3400 / (hi - lo)) + 300
     margin = rng.integers(grid.size // 40, grid.size // 14, 4)
@@ -947,6 +961,13 @@ def voi_module(windows) -> dict:
                 WindowCenterWidthExplanation=list(names) if len(names) > 1 else names[0])
 
 
+def code_sequence(value: str, meaning: str) -> Sequence:
+    """A one-item sequence holding a SNOMED CT code."""
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "SCT", meaning
+    return Sequence([item])
+
+
 def dataset(sop_class: str, sop_uid: str, *modules: dict) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -1040,7 +1061,7 @@ def ct_study(pt: Patient, number: int) -> Iterator[Dataset]:
     rng = pt.rng
     ch = make_chest(rng)
     study = pt.study(number, "CT Chest" + (" with contrast" if ch.contrast else ""), 0)
-    fov = float(np.clip(round(2.3 * (ch.width + ch.wall + ch.fat + 0.35 * ch.width), -1), 340, 500))
+    fov = float(np.clip(round(2.25 * (ch.width + ch.wall + ch.fat), -1), 300, 500))
     grid = Grid(pt.size, fov / pt.size)
     frame = dict(FrameOfReferenceUID=pt.uid(study["StudyID"], "frame"), PositionReferenceIndicator="")
     offset = -float(rng.uniform(100, 400))  # the table's position, not the lungs, defines z
@@ -1086,7 +1107,7 @@ def ct_study(pt: Patient, number: int) -> Iterator[Dataset]:
 
 def secondary_capture(pt: Patient, study: dict, rgb: np.ndarray, modality: str, description: str,
                       conversion: str) -> Dataset:
-    series = pt.series(study, 90, modality, description)
+    series = pt.series(study, 90, modality, description, BodyPartExamined="CHEST")
     anomaly = dict(ImageComments=ANOMALY_COMMENT + pt.anomaly, ConversionType=conversion,
                    BurnedInAnnotation="YES" if conversion == "WSD" else "NO", PatientOrientation="")
     return dataset(SecondaryCaptureImageStorage, pt.uid(series["SeriesInstanceUID"], 0), study, series,
@@ -1160,9 +1181,9 @@ def radiograph_study(pt: Patient, number: int, modality: str) -> Iterator[Datase
                          PresentationLUTShape="IDENTITY", LossyImageCompression="00",
                          BurnedInAnnotation="NO", DetectorType="SCINTILLATOR",
                          PixelSpacing=ds_values(grid.spacing, grid.spacing),
-                         AnatomicRegionSequence=Sequence([Dataset()]), AcquisitionContextSequence=Sequence())
-            code = image["AnatomicRegionSequence"][0]
-            code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "51185008", "SCT", "Chest"
+                         PositionerType="COLUMN", AcquisitionContextSequence=Sequence(),
+                         AnatomicRegionSequence=code_sequence("51185008", "Chest"),
+                         ViewCodeSequence=code_sequence("399348003", "postero-anterior"))
         else:
             image.update(ImageType=["ORIGINAL", "PRIMARY"])
         yield dataset(ComputedRadiographyImageStorage if modality == "CR" else DigitalXRayImageStorageForPresentation,

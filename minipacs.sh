@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
 VENV=$ROOT/.venv
-APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb dcmtk python3-venv)
+APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools python3-venv)
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 say() { printf '\033[1mminipacs:\033[0m %s\n' "$*" >&2; }

@@ -1,5 +1,6 @@
 """Realistic synthetic DICOM studies: demo data, test data and benchmark load.
 
+    cd plugin   # or put plugin/ on PYTHONPATH
     python -m minipacs.synth OUT --patients 20                        # a folder of .dcm files
     python -m minipacs.synth --orthanc http://localhost:8042 --patients 20      # REST
     python -m minipacs.synth --store localhost:4242 --aec MINIPACS --patients 20  # C-STORE
@@ -26,12 +27,12 @@ import sys
 import tempfile
 import time
 import urllib.error
-from collections import deque
 from dataclasses import dataclass, replace
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
+from functools import cached_property, partial
 from itertools import repeat
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -41,6 +42,9 @@ from pydicom.uid import (ComputedRadiographyImageStorage, CTImageStorage,
                          DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian,
                          MRImageStorage, SecondaryCaptureImageStorage, generate_uid)
 from pydicom.valuerep import DSfloat
+
+from .client import Orthanc
+from .render import window_linear
 
 ANOMALIES = ("burned_in_dialog", "photograph", "saturated_window", "corrupted_rows")
 ANOMALY_COMMENT = "synthetic anomaly: "
@@ -213,39 +217,46 @@ def paint_tubes(draw, grid, tubes, z, half, fill, scale=1.0):
 
 
 def unit(v):
-    return v / np.linalg.norm(v)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
 def grow_tree(rng, roots, inside: Callable, min_radius: float, limit: int) -> Tubes:
-    """A branching tree from (point, direction, radius) roots, grown breadth first: each segment
-    splits in two by Murray's law (r³ = r1³ + r2³), the thinner branch turning more, and
-    branches stop at the organ boundary (``inside``) or below ``min_radius``."""
-    queue = deque((np.asarray(p, float), unit(np.asarray(d, float)), r) for p, d, r in roots)
-    p0, p1, radii = [], [], []
-    while queue and len(radii) < limit:
-        p, d, r = queue.popleft()
-        d = unit(d + rng.normal(0, 0.12, 3))
-        length = 7.0 * r ** 0.8 * rng.uniform(0.8, 1.25)
-        q = p + d * length
-        if not inside(q):
-            q = p + d * length / 2
-            if not inside(q):
-                continue
-        p0.append(p), p1.append(q), radii.append(r)
-        f = rng.uniform(0.2, 0.5)
-        side = unit(np.cross(d, rng.normal(size=3)))
-        for radius, turn in ((r * (1 - f) ** (1 / 3), 0.2 + 0.5 * f), (r * f ** (1 / 3), -0.95 + 0.4 * f)):
-            if radius >= min_radius:
-                queue.append((q, d * math.cos(turn) + side * math.sin(turn), radius))
-    return Tubes(np.reshape(p0, (-1, 3)), np.reshape(p1, (-1, 3)), np.asarray(radii, float))
+    """A branching tree from (point, direction, radius) roots, grown a generation at a time:
+    each segment splits in two by Murray's law (r³ = r1³ + r2³), the thinner branch turning
+    more; a branch stops at the organ boundary (``inside``, vectorised) or below
+    ``min_radius``."""
+    p, d, r = (np.array(v, float) for v in zip(*roots))
+    segments, count = [], 0
+    while len(r) and count < limit:
+        d = unit(d + rng.normal(0, 0.12, d.shape))
+        step = d * (7.0 * r ** 0.8 * rng.uniform(0.8, 1.25, len(r)))[:, None]
+        full, half = inside(p + step), inside(p + step / 2)  # at the boundary, a shorter last step
+        keep = full | half
+        q = p + step * np.where(full, 1.0, 0.5)[:, None]
+        p, q, d, r = p[keep], q[keep], d[keep], r[keep]
+        segments.append((p, q, r))
+        count += len(r)
+        f = rng.uniform(0.2, 0.5, len(r))
+        side = unit(np.cross(d, rng.normal(size=d.shape)))
+        turns = np.concatenate([0.2 + 0.5 * f, -0.95 + 0.4 * f])[:, None]
+        p = np.concatenate([q, q])
+        d = np.concatenate([d, d]) * np.cos(turns) + np.concatenate([side, side]) * np.sin(turns)
+        r = np.concatenate([r * (1 - f) ** (1 / 3), r * f ** (1 / 3)])
+        p, d, r = p[r >= min_radius], d[r >= min_radius], r[r >= min_radius]
+    p0, p1, radii = (np.concatenate(v)[:limit] for v in zip(*segments))
+    return Tubes(p0, p1, radii)
 
 
 def binomial(img: np.ndarray) -> np.ndarray:
-    """3×3 binomial blur (σ ≈ 0.7 px), separable, edges kept."""
-    out = img.copy()
-    out[1:-1] = 0.25 * (img[:-2] + img[2:]) + 0.5 * img[1:-1]
-    tmp = out.copy()
-    out[:, 1:-1] = 0.25 * (tmp[:, :-2] + tmp[:, 2:]) + 0.5 * tmp[:, 1:-1]
+    """3×3 binomial blur (σ ≈ 0.7 px), separable, borders repeated."""
+    p = np.pad(img, 1, mode="edge")
+    rows = p[:-2] + p[2:]
+    rows += p[1:-1]
+    rows += p[1:-1]
+    out = rows[:, :-2] + rows[:, 2:]
+    out += rows[:, 1:-1]
+    out += rows[:, 1:-1]
+    out *= 0.0625
     return out
 
 
@@ -292,14 +303,15 @@ class Chest:
     contrast: bool
     spine_phase: float
     organs: tuple  # (Ellipsoid, tissue, grow mm), painted in order, cut by the rib cage
-    nodules: tuple  # (Ellipsoid, tissue)
     ribs: np.ndarray  # per rib: height at the spine, descent per radian, cartilage and end angle
-    arteries: Tubes
-    veins: Tubes
-    airways: Tubes  # bronchi in the lungs, drawn as wall + lumen
     central_airways: Tubes  # trachea and main bronchi
     great_vessels: Tubes
     esophagus: Tubes
+    # What lives in the lungs is placed once the lungs exist (see make_chest).
+    nodules: tuple = ()  # (Ellipsoid, tissue)
+    arteries: Tubes | None = None
+    veins: Tubes | None = None
+    airways: Tubes | None = None  # bronchi, drawn as wall + lumen
 
     @property
     def spine_y(self) -> float:
@@ -350,21 +362,20 @@ def mediastinum_depth(s: Section, x):
     return np.where(np.abs(x) < 0.3 * s.medial, 4 * s.B, 1.1 * s.B * np.sqrt(-np.log(q)))
 
 
-def in_lung(ch: Chest, p, margin=3.0) -> bool:
-    x, y, z = p
+def in_lung(ch: Chest, p: np.ndarray, margin=3.0) -> np.ndarray:
+    """Whether points (n, 3) lie in a lung, ``margin`` mm from its surface."""
+    x, y, z = p.T
     s = chest_section(ch, z)
-    side = 1 if x > 0 else -1
-    lx, ly, la, lb = lung_ellipse(ch, s, side)
-    if (abs(x) < medial_border(s, y) + margin or la <= margin
-            or (x / (s.A - margin)) ** 2 + ((y - s.cy) / (s.B - margin)) ** 2 > 1
-            or ((x - lx) / (la - margin)) ** 2 + ((y - ly) / (lb - margin)) ** 2 > 1):
-        return False
+    lx, ly, la, lb = lung_ellipse(ch, s, np.where(x > 0, 1, -1))
+    la, lb = np.maximum(la - margin, 1e-6), np.maximum(lb - margin, 1e-6)
+    ok = ((np.abs(x) >= medial_border(s, y) + margin)
+          & ((x / (s.A - margin)) ** 2 + ((y - s.cy) / (s.B - margin)) ** 2 <= 1)
+          & (((x - lx) / la) ** 2 + ((y - ly) / lb) ** 2 <= 1))
     for organ, _, _ in ch.organs:
-        k = float(organ.scale(z))
-        if k > 0 and ((x - organ.x) / (organ.a * k + margin)) ** 2 + (
-                (y - organ.y) / (organ.b * k + margin)) ** 2 < 1:
-            return False
-    return True
+        k = organ.scale(z)
+        ok &= (k == 0) | (((x - organ.x) / (organ.a * k + margin)) ** 2
+                          + ((y - organ.y) / (organ.b * k + margin)) ** 2 >= 1)
+    return ok
 
 
 def make_chest(rng) -> Chest:
@@ -393,40 +404,41 @@ def make_chest(rng) -> Chest:
     pulmonary = Tubes.polyline([(0.12 * W, -0.45 * D, 0.42 * H), (0.08 * W, -0.2 * D, 0.58 * H),
                                 hila[0]], [13, 10]) + Tubes.polyline(
         [(0.08 * W, -0.2 * D, 0.58 * H), hila[1]], 10)
+    heights = 1.08 * H - np.arange(12) * 0.095 * H
+    no_cartilage = 9.0  # the floating ribs end free
+    ribs = np.column_stack([heights, rng.uniform(0.13, 0.16, 12) * H,
+                            np.r_[[2.35] * 7, [2.1] * 3, [no_cartilage] * 2],
+                            np.r_[[2.8] * 7, [2.5] * 3, [1.6] * 2]])
     chest = Chest(H, W, D, wall=rng.uniform(10, 18), fat=rng.uniform(6, 30), back=rng.uniform(25, 40),
-                  contrast=bool(rng.random() < 0.5), spine_phase=rng.uniform(0, 26), organs=organs,
-                  nodules=(), ribs=np.empty((0, 4)), arteries=None, veins=None, airways=None,
+                  contrast=bool(rng.random() < 0.5), spine_phase=rng.uniform(0, 26), organs=organs, ribs=ribs,
                   central_airways=Tubes.polyline([(0, mediastinum_y - 28, 1.4 * H), carina], 9)
                   + Tubes.polyline([carina, hila[0]], 7) + Tubes.polyline([carina, hila[1]], 6),
                   great_vessels=aorta + svc + pulmonary,
                   esophagus=Tubes.polyline([(0.04 * W, mediastinum_y - 6, -0.2 * H),
                                             (0.02 * W, mediastinum_y - 8, 1.4 * H)], 7))
-    inside = lambda p: in_lung(chest, p)  # noqa: E731
+    inside = partial(in_lung, chest)
     skeleton, veins = [], []
+    segmental = np.array([(0.5, -0.2, 0.9), (0.8, -0.6, 0.1), (0.8, 0.5, 0.2), (0.6, -0.5, -0.7),
+                          (0.5, 0.6, -0.7)])  # lateral component, then y and z: up, front, back, down
     for side, hilum in zip((-1, 1), hila):
-        lobes = [(hilum, (side * 0.6, -0.2, 0.8), 4.5), (hilum, (side * 0.7, -0.6, -0.4), 4.0),
-                 (hilum, (side * 0.5, 0.6, -0.7), 5.0)]
-        skeleton.append(grow_tree(rng, lobes, inside, 0.6, 1500))
+        directions = segmental * (side, 1, 1)
+        skeleton.append(grow_tree(rng, [(hilum, d, 3.6) for d in directions], inside, 0.45, 4000))
         vein_root = hilum + (-side * 10, -8, -0.14 * H)
-        veins.append(grow_tree(rng, [(vein_root, (side * 0.8, 0.1, -0.5), 4.5),
-                                     (vein_root, (side * 0.7, -0.3, 0.6), 4.5)], inside, 0.6, 1200))
+        veins.append(grow_tree(rng, [(vein_root, d, 3.4) for d in directions[1:]], inside, 0.45, 3000))
     skeleton = skeleton[0] + skeleton[1]
     # Arteries run beside their bronchus: the same tree, shifted sideways by about a diameter.
     direction = skeleton.p1 - skeleton.p0
     offset = np.cross(direction, (0.0, 0.0, 1.0)) + np.cross(direction, (1.0, 0.0, 0.0)) * 0.3
     offset *= (1.6 * skeleton.r / np.maximum(np.linalg.norm(offset, axis=1), 1e-6))[:, None]
     nodules = []
-    for _ in range(rng.choice(4, p=(0.4, 0.3, 0.2, 0.1))):
-        while not in_lung(chest, p := rng.uniform((-W, -D, 0.1 * H), (W, D, 0.95 * H)), 8.0):
-            pass
+    candidates = rng.uniform((-W, -D, 0.1 * H), (W, D, 0.95 * H), (200, 3))
+    for p in candidates[in_lung(chest, candidates, 8.0)][:rng.choice(4, p=(0.4, 0.3, 0.2, 0.1))]:
         r = rng.uniform(3, 12)
-        nodules.append((Ellipsoid(*p, r, r * rng.uniform(0.8, 1.2), r), T.NODULE if rng.random() < 0.7 else T.GGO))
-    heights = 1.08 * H - np.arange(12) * 0.095 * H
-    ribs = np.column_stack([heights, rng.uniform(0.13, 0.16, 12) * H,
-                            np.r_[[2.35] * 7, [2.1] * 3, [9.0] * 2], np.r_[[2.8] * 7, [2.5] * 3, [1.6] * 2]])
+        solid = rng.random() < 0.7
+        nodules.append((Ellipsoid(*p, r, r * rng.uniform(0.8, 1.2), r), T.NODULE if solid else T.GGO))
     return replace(chest, arteries=Tubes(skeleton.p0 + offset, skeleton.p1 + offset, skeleton.r),
                    veins=veins[0] + veins[1], airways=skeleton.where(skeleton.r >= 1.2),
-                   nodules=tuple(nodules), ribs=ribs)
+                   nodules=tuple(nodules))
 
 
 def draw_trunk(draw, grid, A, B, cy, wall, fat, back, cage, widen=0.0, cage_scale=1.0):
@@ -554,27 +566,32 @@ def apply_kernel(img: np.ndarray, sharpness: float) -> np.ndarray:
     return img
 
 
-def noise_banks(rng, size: int, sharpness: float) -> tuple[np.ndarray, np.ndarray]:
-    """Unit CT noise with the kernel's texture (no low frequencies, as filtered back projection
-    gives) and a smooth tissue texture, both twice the image size: each slice takes random crops."""
+def noise_banks(rng, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One acquisition's noise, without low frequencies as filtered back projection gives it, and
+    a smooth tissue texture; twice the image size: each slice takes random crops."""
     white = rng.standard_normal((2 * size, 2 * size), dtype=np.float32)
-    noise = apply_kernel(white - binomial(binomial(white)), sharpness)
     texture = resized(rng.standard_normal((size // 4, size // 4), dtype=np.float32), 2 * size, 2 * size)
-    return noise / noise.std(), texture / texture.std()
+    return white - binomial(binomial(white)), texture / texture.std()
 
 
-def ct_hu(ch: Chest, grid: Grid, z: float, half: float, recon: Recon, banks, rng) -> np.ndarray:
+def kernel_noise(noise: np.ndarray, sharpness: float) -> np.ndarray:
+    """The acquisition's noise as a reconstruction kernel shapes it, unit standard deviation."""
+    shaped = apply_kernel(noise, sharpness)
+    return shaped / shaped.std()
+
+
+def ct_hu(ch: Chest, grid: Grid, z: float, half: float, recon: Recon, noise, texture, rng) -> np.ndarray:
     """One CT slice in HU: labels → HU, tissue texture, lung density rising towards the back
     (gravity), then the kernel and noise."""
     labels = chest_labels(ch, grid, z, half)
     n = grid.size
     (ny, nx), (ty, tx) = rng.integers(0, n, (2, 2))
     hu = (CT_CONTRAST if ch.contrast else CT_PLAIN)[labels]
-    hu += CT_TEXTURE[labels] * banks[1][ty:ty + n, tx:tx + n]
+    hu += CT_TEXTURE[labels] * texture[ty:ty + n, tx:tx + n]
     gradient = (grid.axis()[:, None] - ch.depth * 0.2) * (60 / ch.depth)
     hu += np.where(labels == T.LUNG, gradient, np.float32(0))
     hu = apply_kernel(hu, recon.sharpness)
-    hu += recon.noise * banks[0][ny:ny + n, nx:nx + n]
+    hu += recon.noise * noise[ny:ny + n, nx:nx + n]
     return hu
 
 
@@ -602,6 +619,8 @@ CT_FORMATS = (PixelFormat(12, False, 1, -1024), PixelFormat(16, True), PixelForm
 
 @dataclass(frozen=True)
 class Weighting:
+    """An MR contrast: its tissue signal table and the acquisition attributes that produce it."""
+
     name: str
     lut: np.ndarray
     attrs: dict
@@ -611,7 +630,8 @@ HEAD_WEIGHTINGS = (
     Weighting("T1 SE", MR_T1, dict(ScanningSequence="SE", SequenceVariant="NONE", RepetitionTime=500,
                                    EchoTime=12, EchoTrainLength=1, FlipAngle=90, SequenceName="se2d1")),
     Weighting("T2 TSE", MR_T2, dict(ScanningSequence="SE", SequenceVariant="SK", RepetitionTime=4000,
-                                    EchoTime=100, EchoTrainLength=16, FlipAngle=150, SequenceName="tse2d1_16")),
+                                    EchoTime=100, EchoTrainLength=16, FlipAngle=150,
+                                    SequenceName="tse2d1_16")),
     Weighting("FLAIR", MR_FLAIR, dict(ScanningSequence=["SE", "IR"], SequenceVariant=["SK", "SP", "MP"],
                                       RepetitionTime=9000, EchoTime=120, InversionTime=2500,
                                       EchoTrainLength=16, FlipAngle=150, SequenceName="tir2d1_16")),
@@ -730,10 +750,11 @@ def make_abdomen(rng) -> Abdomen:
         (Ellipsoid(0.3 * W, -0.55 * D, 190, 0.2 * W, 0.12 * D, 14), T.AIR, 0),  # its air cap
     ]
     organs += [(o, fill, grow) for o in (kidney, kidney.mirrored())
-               for fill, grow in ((T.KIDNEY, 0), (T.FAT, -0.55 * kidney.a))]
+               for fill, grow in ((T.FAT, 8), (T.KIDNEY, 0), (T.FAT, -0.55 * kidney.a))]  # perirenal fat
     organs += [(Ellipsoid(side * (rv + 16), ys - 5, 0, 16, 18, 110), T.MUSCLE, 0) for side in (-1, 1)]
     for _ in range(24):  # bowel loops, fluid-filled
-        loop = Ellipsoid(*rng.uniform((-0.75 * W, -0.85 * D, 0), (0.75 * W, 0.3 * D, 150)), *[rng.uniform(12, 24)] * 3)
+        centre, r = rng.uniform((-0.75 * W, -0.85 * D, 0), (0.75 * W, 0.3 * D, 150)), rng.uniform(12, 24)
+        loop = Ellipsoid(*centre, r, r, r)
         organs += [(loop, T.BOWEL, 0), (loop, T.FLUID, -4)]
     vessels = (Tubes.polyline([(0.1 * W, ys - rv - 12, -50), (0.08 * W, ys - rv - 14, 260)], 11)
                + Tubes.polyline([(-0.18 * W, ys - rv - 10, -50), (-0.2 * W, ys - rv - 14, 260)], 12))
@@ -744,7 +765,7 @@ def abdomen_labels(ab: Abdomen, grid: Grid, z: float, half: float) -> np.ndarray
     img = Image.new("L", (grid.size, grid.size), T.AIR)
     draw = ImageDraw.Draw(img)
     draw_trunk(draw, grid, ab.width, ab.depth, 0.0, 14, ab.fat, 30,
-               T.LUNG if z > ab.lung_base else T.FAT)
+               T.LUNG if z > ab.lung_base else T.BOWEL)  # mesentery and collapsed bowel
     cage = (0.0, 0.0, ab.width - 1, ab.depth - 1)
     for organ, fill, grow in ab.organs:
         paint(draw, grid, organ, z, half, fill, grow, within=cage)
@@ -808,7 +829,10 @@ def projected_strokes(ch: Chest, grid: Grid, lateral: bool) -> np.ndarray:
     img = Image.new("F", (grid.size, grid.size), 0.0)
     draw = ImageDraw.Draw(img)
     col = 1 if lateral else 0
-    row = lambda z: grid.px(0.45 * ch.height - z)  # noqa: E731
+
+    def row(z):
+        return grid.px(0.45 * ch.height - z)
+
     knob = ch.great_vessels.where(slice(1, 5))  # the aortic arch; the rest hides in the mediastinum
     for tubes, gain in ((ch.arteries + ch.veins, 2.0), (knob, 0.4), (ch.central_airways, -1.2)):
         big = tubes.where(tubes.r >= 0.9)
@@ -825,9 +849,7 @@ def projected_strokes(ch: Chest, grid: Grid, lateral: bool) -> np.ndarray:
             for fill, width in ((9.0, 10), (5.0, 6)):  # cortex seen edge-on is denser than the middle
                 draw.line(line, fill=fill, width=max(1, round(width / grid.spacing)))
     H, W = ch.height, ch.width
-    for side in (-1, 1):
-        if lateral:
-            break
+    for side in () if lateral else (-1, 1):  # clavicles and humeral heads
         draw.line((grid.px(side * 15), row(1.03 * H), grid.px(side * 1.25 * W), row(1.12 * H)),
                   fill=14.0, width=max(1, round(13 / grid.spacing)))
         cx, r = side * (1.35 * W + ch.wall), 24
@@ -835,23 +857,24 @@ def projected_strokes(ch: Chest, grid: Grid, lateral: bool) -> np.ndarray:
     return np.asarray(img)
 
 
-def radiograph(ch: Chest, grid: Grid, lateral: bool, rng) -> np.ndarray:
-    """Processed log-exposure (higher = more attenuation), 0..4095: the path length becomes
-    quantum-noisy exposure, then the equalisation and edge enhancement of CR/DX processing,
-    lead collimation at the borders and a side marker."""
+def radiograph(ch: Chest, grid: Grid, lateral: bool, rng) -> tuple[np.ndarray, tuple[float, float]]:
+    """Processed log-exposure (higher = more attenuation), 0..4095, and a window for the exposed
+    field: the path length becomes quantum-noisy exposure, then the equalisation and edge
+    enhancement of CR/DX processing, lead collimation at the borders and a side marker."""
     p = 0.021 * chest_projection(ch, grid, lateral)
     p += rng.standard_normal(p.shape, dtype=np.float32) * (0.006 * np.exp(p / 2))
     p = p - 0.3 * resized(resized(p, 24, 24), *p.shape) + 0.7 * (p - binomial(binomial(p)))
     lo, hi = np.percentile(p[::4, ::4], (1, 99.5))
     v = (p - lo) * (3400 / (hi - lo)) + 300
     margin = rng.integers(grid.size // 40, grid.size // 14, 4)
+    p2, p98 = np.percentile(v[margin[0]:-margin[1]:4, margin[2]:-margin[3]:4], (2, 98))
     v[:margin[0]], v[-margin[1]:], v[:, :margin[2]], v[:, -margin[3]:] = 4095, 4095, 4095, 4095
     marker = Image.new("L", (grid.size, grid.size), 0)
     font = ImageFont.load_default(size=grid.size // 20)
     ImageDraw.Draw(marker).text((margin[2] + grid.size // 30, margin[0] + grid.size // 30),
                                 "L" if lateral else "R", fill=255, font=font)
     v[np.asarray(marker) > 128] = 4000
-    return np.clip(v, 0, 4095)
+    return np.clip(v, 0, 4095), (round((p2 + p98) / 2), round(p98 - p2))
 
 
 # --- anomalies --------------------------------------------------------------------------------------
@@ -872,10 +895,9 @@ def burned_in_dialog(gray: np.ndarray, rng) -> np.ndarray:
     draw.rectangle((x0, y0, x0 + bw, y0 + bh), fill=(236, 233, 216), outline=(0, 0, 0))
     draw.rectangle((x0, y0, x0 + bw, y0 + bar), fill=(10, 36, 106))
     draw.text((x0 + bar // 3, y0 + bar // 5), "Viewer - Error", fill="white", font=_font(text))
-    icon = bar * 1.2
-    draw.ellipse((x0 + bar // 2, y0 + 1.5 * bar, x0 + bar // 2 + icon, y0 + 1.5 * bar + icon), fill=(200, 0, 0))
-    draw.text((x0 + bar // 2 + icon / 2, y0 + 1.5 * bar + icon / 2), "X", fill="white",
-              font=_font(int(icon * 0.7)), anchor="mm")
+    icon, ix, iy = bar * 1.2, x0 + bar // 2, y0 + 1.5 * bar
+    draw.ellipse((ix, iy, ix + icon, iy + icon), fill=(200, 0, 0))
+    draw.text((ix + icon / 2, iy + icon / 2), "X", fill="white", font=_font(int(icon * 0.7)), anchor="mm")
     message = rng.choice(["Unhandled exception in ReconServer:", "Access violation at 0x004F3A2C",
                           "Failed to load volume: out of memory"])
     for i, line in enumerate((message, "Series could not be displayed.", "Contact your administrator.")):
@@ -903,9 +925,7 @@ def photograph(rng, width=640, height=480) -> np.ndarray:
         base = height * (0.42 + 0.1 * depth)
         ridge = base - sum(height * 0.12 / (k + 1) * (1 - depth * 0.2) * np.sin(
             x / width * 2 * np.pi * (k + 1.3) + rng.uniform(0, 6.3)) for k in range(5))
-        near = np.array([60 - 10 * depth, 80 + 10 * depth, 60]) if depth == 3 else None
-        far = np.array([110, 125, 150]) - depth * np.array([20, 15, 25])
-        colour = tuple(int(c) for c in (near if near is not None else far))
+        colour = (30, 110, 50) if depth == 3 else (110 - 20 * depth, 125 - 15 * depth, 150 - 25 * depth)
         draw.polygon(list(zip(x, ridge)) + [(width, height), (0, height)], fill=colour)
     for _ in range(rng.integers(6, 14)):  # trees
         tx, ty, th = rng.uniform(0, width), rng.uniform(0.8, 1.0) * height, rng.uniform(40, 110)
@@ -925,12 +945,9 @@ def corrupt_rows(stored: np.ndarray, rng) -> np.ndarray:
     band = int(rng.integers(rows // 30 + 1, rows // 8 + 2))
     info = np.iinfo(stored.dtype)
     out[start:start + band] = rng.integers(info.min, info.max, (band, stored.shape[1]), endpoint=True)
-    out[start + band:] = np.roll(stored[start + band:], int(rng.integers(stored.shape[1] // 8, stored.shape[1] // 2)), axis=1)
+    shift = int(rng.integers(stored.shape[1] // 8, stored.shape[1] // 2))
+    out[start + band:] = np.roll(stored[start + band:], shift, axis=1)
     return out
-
-
-def window8(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    return np.clip((values - (center - width / 2)) * (255 / width), 0, 255).astype(np.uint8)
 
 
 # --- DICOM --------------------------------------------------------------------------------------------
@@ -987,7 +1004,8 @@ def encode(ds: Dataset) -> bytes:
 
 
 def relative_path(ds: Dataset) -> str:
-    return f"{ds.PatientID}/{ds.StudyID}/{int(ds.SeriesNumber):03d}-{ds.Modality}/{int(ds.InstanceNumber):05d}.dcm"
+    series = f"{int(ds.SeriesNumber):03d}-{ds.Modality}"
+    return f"{ds.PatientID}/{ds.StudyID}/{series}/{int(ds.InstanceNumber):05d}.dcm"
 
 
 def anomaly_of(ds: Dataset) -> str | None:
@@ -1016,9 +1034,14 @@ class Patient:
                           PatientID=f"SYN{seed:03d}-{index:05d}", PatientBirthDate=f"{self.birth:%Y%m%d}",
                           PatientSex=sex)
 
+    @cached_property
+    def chest(self) -> Chest:
+        """The thorax that the patient's CT and radiographs both show."""
+        return make_chest(self.rng)
+
     def uid(self, *parts) -> str:
         """A UID from a hash of the seed, the patient and ``parts``: unique and reproducible."""
-        return generate_uid(entropy_srcs=["minipacs.synth", str(self.seed), str(self.index), *map(str, parts)])
+        return generate_uid(entropy_srcs=["minipacs.synth", *map(str, (self.seed, self.index, *parts))])
 
     def study(self, number: int, description: str, days: int) -> dict:
         day = self.first_visit + timedelta(days=days)
@@ -1036,9 +1059,11 @@ class Patient:
                     ManufacturerModelName=f"synthetic {modality}", InstitutionName="Synthetic Hospital",
                     StationName=f"SYN{modality}1", SoftwareVersions="minipacs.synth 1", **extra)
 
-    def instance(self, study: dict, series: dict, number: int, **extra) -> dict:
-        return dict(InstanceNumber=number, ContentDate=study["StudyDate"],
-                    ContentTime=f"{study['StudyTime'][:4]}{min(number, 59):02d}", **extra)
+    def instance(self, study: dict, series: dict, number: int) -> dict:
+        """Instance Number and content time: a second apart, after the series started."""
+        start = datetime.strptime(study["StudyDate"] + series["SeriesTime"], "%Y%m%d%H%M%S")
+        content = start + timedelta(seconds=number)
+        return dict(InstanceNumber=number, ContentDate=f"{content:%Y%m%d}", ContentTime=f"{content:%H%M%S}")
 
 
 def plane_module(grid: Grid, z: float, thickness: float, row=(1, 0, 0), col=(0, 1, 0)) -> dict:
@@ -1058,8 +1083,7 @@ def ct_study(pt: Patient, number: int) -> Iterator[Dataset]:
     """A chest CT acquisition reconstructed three ways (lung, mediastinum and bone kernels), plus
     the patient's anomaly, if any: a slice replaced by a broken one, or a screen capture or a
     photograph as an extra series."""
-    rng = pt.rng
-    ch = make_chest(rng)
+    rng, ch = pt.rng, pt.chest
     study = pt.study(number, "CT Chest" + (" with contrast" if ch.contrast else ""), 0)
     fov = float(np.clip(round(2.25 * (ch.width + ch.wall + ch.fat), -1), 300, 500))
     grid = Grid(pt.size, fov / pt.size)
@@ -1067,6 +1091,7 @@ def ct_study(pt: Patient, number: int) -> Iterator[Dataset]:
     offset = -float(rng.uniform(100, 400))  # the table's position, not the lungs, defines z
     lo, hi = -0.06 * ch.height, 1.04 * ch.height
     sample = None
+    raw_noise, texture = noise_banks(rng, pt.size)
     for k, recon in enumerate(RECONS):
         windows = recon.windows[pt.index % len(recon.windows)]
         fmt = CT_FORMATS[(pt.index + k) % len(CT_FORMATS)]
@@ -1082,24 +1107,25 @@ def ct_study(pt: Patient, number: int) -> Iterator[Dataset]:
                            ExposureTime=500, FilterType="BODY",
                            RescaleIntercept=ds_values(fmt.intercept), RescaleSlope=ds_values(fmt.slope),
                            RescaleType="HU")
-        banks = noise_banks(rng, pt.size, recon.sharpness)
+        noise = kernel_noise(raw_noise, recon.sharpness)
         broken = len(zs) // 2 if k == 0 and pt.anomaly in ("saturated_window", "corrupted_rows") else -1
         for i, z in enumerate(zs):
-            hu = ct_hu(ch, grid, z, thickness / 2, recon, banks, rng)
+            hu = ct_hu(ch, grid, z, thickness / 2, recon, noise, texture, rng)
             stored, voi, comment = fmt.store(hu), voi_module(windows), {}
             if i == broken:
                 comment = dict(ImageComments=ANOMALY_COMMENT + pt.anomaly)
                 if pt.anomaly == "corrupted_rows":
                     stored = corrupt_rows(stored, rng)
                 else:
-                    voi = voi_module([(rng.choice([-1500.0, 3500.0]), float(rng.choice([1, 10, 40])), "WRONG")])
+                    wrong = (rng.choice([-1500.0, 3500.0]), float(rng.choice([1, 10, 40])), "WRONG")
+                    voi = voi_module([wrong])
             if k == 1 and i == len(zs) // 2:
                 sample = hu
             yield dataset(CTImageStorage, pt.uid(series["SeriesInstanceUID"], i),
                           study, series, acquisition, plane_module(grid, z + offset, thickness),
                           pt.instance(study, series, i + 1), voi, comment, pixel_module(stored, fmt.bits))
     if pt.anomaly == "burned_in_dialog":
-        yield secondary_capture(pt, study, burned_in_dialog(window8(sample, 40, 400), rng), "OT",
+        yield secondary_capture(pt, study, burned_in_dialog(window_linear(sample, 40, 400), rng), "OT",
                                 "Screen capture", "WSD")
     elif pt.anomaly == "photograph":
         yield secondary_capture(pt, study, photograph(rng), "XC", "Photo", "DI")
@@ -1121,7 +1147,7 @@ def mr_study(pt: Patient, number: int, region: str) -> Iterator[Dataset]:
     head = region == "HEAD"
     anatomy = make_head(rng) if head else make_abdomen(rng)
     size = max(64, pt.size // 2)
-    fov = 240.0 if head else float(round(2.6 * anatomy.width, -1))
+    fov = 240.0 if head else float(round(2.3 * (anatomy.width + 14 + anatomy.fat), -1))
     grid = Grid(size, fov / size)
     lo, hi = anatomy.z_range
     zs = positions(lo, hi, max(2, pt.slices // 2))
@@ -1132,7 +1158,7 @@ def mr_study(pt: Patient, number: int, region: str) -> Iterator[Dataset]:
     for k, weighting in enumerate(HEAD_WEIGHTINGS if head else ABDOMEN_WEIGHTINGS):
         bits = (12, 16)[(pt.index + k) % 2]
         gain = (1 << bits) * rng.uniform(0.25, 0.45) if bits == 12 else rng.uniform(2000, 20000)
-        bias = 1 + 0.25 * resized(rng.standard_normal((3, 3), dtype=np.float32), size, size)
+        bias = 1 + 0.12 * resized(rng.standard_normal((3, 3), dtype=np.float32), size, size)
         windows = [] if (pt.index + k) % 3 == 0 else [(0.45 * gain, 0.9 * gain, "DEFAULT")]
         series = pt.series(study, k + 1, "MR", f"{weighting.name} axial", BodyPartExamined=region,
                            PatientPosition="HFS", **frame)
@@ -1156,26 +1182,25 @@ def mr_study(pt: Patient, number: int, region: str) -> Iterator[Dataset]:
 def radiograph_study(pt: Patient, number: int, modality: str) -> Iterator[Dataset]:
     """CR (PA and lateral, MONOCHROME1, the lateral without a window) or DX (PA, MONOCHROME2, for
     presentation) chest radiographs, projected from the patient's chest model."""
-    rng = pt.rng
-    ch = make_chest(rng)
+    rng, ch = pt.rng, pt.chest
     size = 2 * pt.size
     grid = Grid(size, 430.0 / size)
     study = pt.study(number, f"{modality} Chest", int(rng.integers(-300, 300)))
     views = (("PA", False), ("LL", True)) if modality == "CR" else (("PA", False),)
     photometric = "MONOCHROME1" if modality == "CR" else "MONOCHROME2"
     for k, (view, lateral) in enumerate(views):
-        v = radiograph(ch, grid, lateral, rng)
+        v, (center, width) = radiograph(ch, grid, lateral, rng)
         if photometric == "MONOCHROME1":  # stored high where exposure is high: lungs
-            v = 4095 - v
-        p2, p98 = np.percentile(v[::8, ::8], (2, 98))
-        windows = [] if lateral else [(round((p2 + p98) / 2), round(p98 - p2), "DEFAULT")]
+            v, center = 4095 - v, 4095 - center
+        windows = [] if lateral else [(center, width, "DEFAULT")]
         series = pt.series(study, k + 1, modality, f"Chest {view}", BodyPartExamined="CHEST",
                            ViewPosition=view)
-        image = dict(PatientOrientation=["P", "F"] if lateral else ["L", "F"],
-                     ImagerPixelSpacing=ds_values(grid.spacing, grid.spacing), KVP=ds_values(120 if lateral else 110),
-                     ImageLaterality="U", ExposureTime=int(rng.integers(5, 20)))
+        image = dict(ImageType=["ORIGINAL", "PRIMARY"], ImageLaterality="U",
+                     PatientOrientation=["P", "F"] if lateral else ["L", "F"],
+                     ImagerPixelSpacing=ds_values(grid.spacing, grid.spacing),
+                     KVP=ds_values(120 if lateral else 110), ExposureTime=int(rng.integers(5, 20)))
         if modality == "DX":
-            image.update(ImageType=["ORIGINAL", "PRIMARY"], PresentationIntentType="FOR PRESENTATION",
+            image.update(PresentationIntentType="FOR PRESENTATION",
                          PixelIntensityRelationship="LOG", PixelIntensityRelationshipSign=-1,
                          RescaleIntercept=ds_values(0), RescaleSlope=ds_values(1), RescaleType="US",
                          PresentationLUTShape="IDENTITY", LossyImageCompression="00",
@@ -1184,15 +1209,15 @@ def radiograph_study(pt: Patient, number: int, modality: str) -> Iterator[Datase
                          PositionerType="COLUMN", AcquisitionContextSequence=Sequence(),
                          AnatomicRegionSequence=code_sequence("51185008", "Chest"),
                          ViewCodeSequence=code_sequence("399348003", "postero-anterior"))
-        else:
-            image.update(ImageType=["ORIGINAL", "PRIMARY"])
-        yield dataset(ComputedRadiographyImageStorage if modality == "CR" else DigitalXRayImageStorageForPresentation,
-                      pt.uid(series["SeriesInstanceUID"], 0), study, series, pt.instance(study, series, 1),
-                      image, voi_module(windows), pixel_module(PixelFormat(12, False).store(v), 12, photometric))
+        sop_class = (ComputedRadiographyImageStorage if modality == "CR"
+                     else DigitalXRayImageStorageForPresentation)
+        yield dataset(sop_class, pt.uid(series["SeriesInstanceUID"], 0), study, series,
+                      pt.instance(study, series, 1), image, voi_module(windows),
+                      pixel_module(PixelFormat(12, False).store(v), 12, photometric))
 
 
-EXTRA_STUDIES = (lambda pt, n: mr_study(pt, n, "HEAD"), lambda pt, n: radiograph_study(pt, n, "CR"),
-                 lambda pt, n: radiograph_study(pt, n, "DX"), lambda pt, n: mr_study(pt, n, "ABDOMEN"))
+EXTRA_STUDIES = (partial(mr_study, region="HEAD"), partial(radiograph_study, modality="CR"),
+                 partial(radiograph_study, modality="DX"), partial(mr_study, region="ABDOMEN"))
 
 
 def anomaly_for(index: int, rate: float) -> str | None:
@@ -1232,8 +1257,6 @@ def write_folder(out: Path) -> Callable[[list[Dataset]], None]:
 
 
 def post_to_orthanc(url: str, user: str | None, password: str | None) -> Callable[[list[Dataset]], None]:
-    from .demo import Orthanc
-
     orthanc = Orthanc(url, user, password)
 
     def send(batch):
@@ -1262,7 +1285,7 @@ def c_store(address: str, aec: str, aet: str) -> Callable[[list[Dataset]], None]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minipacs.synth", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:5]))
+                                     epilog="\n".join(__doc__.splitlines()[2:6]))
     parser.add_argument("out", nargs="?", type=Path, help="folder for PatientID/Study/Series/NNNNN.dcm")
     parser.add_argument("--patients", type=int, default=10)
     parser.add_argument("--first", type=int, default=0,

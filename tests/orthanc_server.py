@@ -66,6 +66,7 @@ class OrthancServer:
             "AuthenticationEnabled": False,
             "Plugins": [str(PLUGINS / "libOrthancPython.so"), str(PLUGINS / "libOrthancDicomWeb.so")],
             "PythonScript": str(ROOT / "plugin" / "minipacs_plugin.py"),
+            "UserMetadata": {"MiniPacsAnomalyScore": 4301, "MiniPacsFlagged": 4302},
             "MiniPacs": {"DataDirectory": str(self.data)},
             **overrides,
         }

@@ -40,3 +40,36 @@ def test_bad_options_are_refused_by_name(options, message):
 def test_section_must_be_an_object():
     with pytest.raises(ConfigError, match="JSON object"):
         from_orthanc({"MiniPacs": []})
+
+
+def test_model_defaults_to_the_shipped_one_and_can_be_turned_off(tmp_path):
+    from minipacs.config import DEFAULT_MODEL
+
+    assert from_orthanc({}).model_path == DEFAULT_MODEL
+    assert DEFAULT_MODEL.parent.name == "models"
+    assert from_orthanc({"MiniPacs": {"ModelPath": ""}}).model_path is None
+    assert from_orthanc({"MiniPacs": {"ModelPath": "m.onnx"}}, base=tmp_path).model_path == tmp_path / "m.onnx"
+    assert from_orthanc({}).anomaly_threshold is None
+    assert from_orthanc({"MiniPacs": {"AnomalyThreshold": 1}}).anomaly_threshold == 1.0
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "0.5", True])
+def test_threshold_must_be_a_probability(value):
+    with pytest.raises(ConfigError, match="AnomalyThreshold must be a number within"):
+        from_orthanc({"MiniPacs": {"AnomalyThreshold": value}})
+
+
+def test_ohif_directory_defaults_to_the_repository_install_and_is_resolved(tmp_path):
+    from minipacs.config import DEFAULT_OHIF
+
+    assert from_orthanc({}, base=tmp_path).ohif_directory == DEFAULT_OHIF
+    assert DEFAULT_OHIF == Path(__file__).resolve().parent.parent / ".ohif" / "dist"
+    config = from_orthanc({"MiniPacs": {"OhifDirectory": "ohif/dist"}}, base=tmp_path)
+    assert config.ohif_directory == tmp_path / "ohif" / "dist"
+
+
+@pytest.mark.parametrize("value, message", [(3, "OhifDirectory must be of type str"),
+                                            ("", "OhifDirectory must not be empty")])
+def test_bad_ohif_directory_is_refused(value, message):
+    with pytest.raises(ConfigError, match=message):
+        from_orthanc({"MiniPacs": {"OhifDirectory": value}})

@@ -5,6 +5,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 SECTION = "MiniPacs"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "minipacs-anomaly.onnx"
+# Where ./minipacs.sh setup unpacks the npm package @ohif/app (the repository's .ohif/).
+DEFAULT_OHIF = Path(__file__).resolve().parent.parent.parent / ".ohif" / "dist"
 
 
 class ConfigError(ValueError):
@@ -20,6 +23,9 @@ class Config:
     window_index: int
     queue_size: int
     reconcile_on_start: bool
+    model_path: Path | None
+    anomaly_threshold: float | None
+    ohif_directory: Path
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -30,6 +36,9 @@ _DEFAULTS: dict[str, Any] = {
     "WindowIndex": 0,
     "QueueSize": 100000,
     "ReconcileOnStart": True,
+    "ModelPath": None,  # the shipped model; "" turns scoring off
+    "AnomalyThreshold": None,  # the model's own
+    "OhifDirectory": None,  # <repository>/.ohif/dist
 }
 
 
@@ -68,6 +77,13 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
     window_index = _typed(options, "WindowIndex", int)
     if window_index < 0:
         raise ConfigError(f"{SECTION}.WindowIndex must be at least 0, not {window_index}")
+    threshold = options.get("AnomalyThreshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 <= threshold <= 1):
+        raise ConfigError(f"{SECTION}.AnomalyThreshold must be a number within [0, 1], not {threshold!r}")
+    model = _typed(options, "ModelPath", str)
+    if _typed(options, "OhifDirectory", str) == "":
+        raise ConfigError(f"{SECTION}.OhifDirectory must not be empty")
     queue_size = _typed(options, "QueueSize", int)
     if queue_size < 1:
         raise ConfigError(f"{SECTION}.QueueSize must be at least 1, not {queue_size}")
@@ -79,4 +95,7 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
         window_index=window_index,
         queue_size=queue_size,
         reconcile_on_start=_typed(options, "ReconcileOnStart", bool),
+        model_path=DEFAULT_MODEL if model is None else (base / model if model else None),
+        anomaly_threshold=None if threshold is None else float(threshold),
+        ohif_directory=path("OhifDirectory", DEFAULT_OHIF),
     )

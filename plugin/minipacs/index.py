@@ -68,11 +68,17 @@ CREATE TABLE IF NOT EXISTS images (
     voi_function TEXT,
     inverted INTEGER,
     decoder TEXT,
+    anomaly_score REAL,
+    flagged INTEGER,
+    model_version TEXT,
+    threshold REAL,
+    scored_at TEXT,
     indexed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 CREATE INDEX IF NOT EXISTS images_by_series ON images(series);
 CREATE INDEX IF NOT EXISTS images_by_uid ON images(sop_uid);
 CREATE INDEX IF NOT EXISTS images_by_status ON images(status);
+CREATE INDEX IF NOT EXISTS images_flagged ON images(flagged, anomaly_score);
 """
 
 # Image statuses: what the worker concluded about an instance.
@@ -99,6 +105,8 @@ _IMAGE = """i.orthanc_id AS OrthancID, i.sop_uid AS SOPInstanceUID, se.series_ui
     i.rescale_intercept AS RescaleIntercept, i.window_center AS WindowCenter,
     i.window_width AS WindowWidth, i.window_source AS WindowSource,
     i.voi_function AS VOILUTFunction, i.inverted AS Inverted, i.decoder AS Decoder,
+    se.modality AS Modality, i.anomaly_score AS AnomalyScore, i.flagged AS Flagged,
+    i.model_version AS ModelVersion, i.threshold AS Threshold, i.scored_at AS ScoredAt,
     i.indexed_at AS IndexedAt"""
 _FROM_IMAGE = """images i JOIN series se ON se.orthanc_id = i.series
     JOIN studies s ON s.orthanc_id = se.study JOIN patients p ON p.orthanc_id = s.patient"""
@@ -121,6 +129,7 @@ PATIENTS = Level(_PATIENT, "patients p", "p.patient_id", "p.patient_id, p.orthan
 STUDIES = Level(_STUDY, _FROM_STUDY, "s.study_uid", "s.study_date, s.study_uid, s.orthanc_id")
 SERIES = Level(_SERIES, _FROM_SERIES, "se.series_uid", "se.series_number, se.series_uid, se.orthanc_id")
 IMAGES = Level(_IMAGE, _FROM_IMAGE, "i.sop_uid", "i.instance_number, i.sop_uid, i.orthanc_id")
+FLAGGED = Level(_IMAGE, _FROM_IMAGE, "i.sop_uid", "i.anomaly_score DESC, i.orthanc_id")
 
 
 @dataclass(frozen=True)
@@ -186,8 +195,9 @@ class Index:
     def _all(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
         rows = [dict(row) for row in self._connection().execute(sql, args)]
         for row in rows:  # SQLite has no booleans
-            if row.get("Inverted") is not None:
-                row["Inverted"] = bool(row["Inverted"])
+            for key in ("Inverted", "Flagged"):
+                if row.get(key) is not None:
+                    row[key] = bool(row[key])
         return rows
 
     def _scalar(self, sql: str, args: tuple = ()) -> Any:
@@ -240,6 +250,32 @@ class Index:
     def status_counts(self) -> dict[str, int]:
         rows = self._connection().execute("SELECT status, count(*) FROM images GROUP BY status")
         return {status: n for status, n in rows}
+
+    def summary(self, where: str, args: tuple) -> dict[str, Any]:
+        """Images, rendered, scored and flagged images and the highest score, under a filter
+        on the joined images/series/studies (e.g. ``se.study = ?``)."""
+        row = self._connection().execute(
+            f"""SELECT count(*), coalesce(sum(i.status = 'rendered'), 0),
+                count(i.anomaly_score), coalesce(sum(i.flagged), 0), max(i.anomaly_score)
+            FROM {IMAGES.source} WHERE {where}""", args).fetchone()
+        return dict(zip(("images", "rendered", "scored", "flagged", "max_score"), row))
+
+    def set_scores(self, scores: list[dict[str, Any]]) -> None:
+        """Replace the scores of rendered images (``orthanc_id`` + the score columns)."""
+        with self._connection() as db:
+            db.executemany(
+                """UPDATE images SET anomaly_score = :anomaly_score, flagged = :flagged,
+                       model_version = :model_version, threshold = :threshold,
+                       scored_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                   WHERE orthanc_id = :orthanc_id""", scores)
+
+    def rendered_images(self, after: str = "", limit: int = 500) -> list[tuple[str, str, str]]:
+        """(orthanc_id, png, study orthanc_id) of rendered images, in ID order after ``after``."""
+        return self._connection().execute(
+            """SELECT i.orthanc_id, i.png, se.study FROM images i
+               JOIN series se ON se.orthanc_id = i.series
+               WHERE i.status = 'rendered' AND i.orthanc_id > ? ORDER BY i.orthanc_id LIMIT ?""",
+            (after, limit)).fetchall()
 
     def orthanc_instance_ids(self) -> set[str]:
         return {row[0] for row in self._connection().execute("SELECT orthanc_id FROM images")}

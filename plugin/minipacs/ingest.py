@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -22,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 from . import index as idx
 from .orthanc_ids import OrthancIds, orthanc_ids
 from .render import Decoder, NoPixelData, RenderError, encode_png, render
+from .scoring import ModelSlot, Score, score_columns
 
 log = logging.getLogger("minipacs")
 
@@ -40,6 +42,9 @@ class OrthancLookup(Protocol):
 
     def decode(self, data: bytes, frame: int) -> np.ndarray:
         """Stored values of a frame by Orthanc's decoder, for files pydicom cannot decode."""
+
+    def publish(self, instance_id: str, study_id: str, score: Score) -> None:
+        """Make a score visible in Orthanc itself (instance metadata, study label)."""
 
 
 @dataclass(frozen=True)
@@ -96,33 +101,55 @@ def describe(source: Dataset | Tags, instance_id: str, lookup: OrthancLookup) ->
     )
 
 
-def _render_columns(ds: Dataset, png_path: Path, settings: Settings,
-                    fallback: Decoder) -> dict[str, Any]:
-    """Render the first frame to ``png_path``; the image columns that describe the outcome."""
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def score_image(models: ModelSlot | None, pixels: np.ndarray, name: str) -> tuple[Score | None, dict]:
+    """Score rendered pixels with the model in use, if any; the score and its index columns.
+
+    A failing model costs the score, never the image: the failure is logged and noted."""
+    scorer = models.scorer if models else None
+    if scorer is None:
+        return None, score_columns(None)
+    try:
+        score = scorer.score(pixels)
+    except Exception as exc:
+        log.exception("scoring %s failed", name)
+        return None, {**score_columns(None), "status_detail": f"scoring failed: {exc}"}
+    return score, {**score_columns(score), "scored_at": now()}
+
+
+def _render_columns(ds: Dataset, png_path: Path, settings: Settings, fallback: Decoder,
+                    models: ModelSlot | None) -> tuple[dict[str, Any], Score | None]:
+    """Render the first frame to ``png_path`` and score it; the image columns that describe
+    the outcome, and the score."""
     try:
         shown = render(ds, 0, settings.window_index, fallback)
     except NoPixelData as exc:
-        return {"status": idx.NO_PIXEL_DATA, "status_detail": str(exc)}
+        return {"status": idx.NO_PIXEL_DATA, "status_detail": str(exc)}, None
     except RenderError as exc:
-        return {"status": idx.RENDER_FAILED, "status_detail": str(exc)}
+        return {"status": idx.RENDER_FAILED, "status_detail": str(exc)}, None
     except Exception as exc:  # a decoder bug must cost one image, not the worker
         log.exception("rendering %s failed unexpectedly", png_path.stem)
-        return {"status": idx.RENDER_FAILED, "status_detail": f"{type(exc).__name__}: {exc}"}
+        return {"status": idx.RENDER_FAILED, "status_detail": f"{type(exc).__name__}: {exc}"}, None
     partial = png_path.with_suffix(".png.part")
     partial.write_bytes(encode_png(shown.pixels, settings.png_compress_level))
     os.replace(partial, png_path)  # readers never see half a PNG
+    score, score_cols = score_image(models, shown.pixels, png_path.stem)
     return {"status": idx.RENDERED, "png": png_path.name, "frames": shown.frames,
             "rendered_frame": shown.frame, "photometric": shown.photometric,
             "rescale_slope": shown.rescale_slope, "rescale_intercept": shown.rescale_intercept,
             "window_center": shown.window_center, "window_width": shown.window_width,
             "window_source": shown.window_source, "voi_function": shown.voi_function,
-            "inverted": shown.inverted, "decoder": shown.decoder}
+            "inverted": shown.inverted, "decoder": shown.decoder, **score_cols}, score
 
 
 _EMPTY_RENDER = dict.fromkeys(("status_detail", "png", "frames", "rendered_frame", "photometric",
                                "rescale_slope", "rescale_intercept", "window_center",
                                "window_width", "window_source", "voi_function", "inverted",
-                               "decoder", "transfer_syntax"))
+                               "decoder", "transfer_syntax", "anomaly_score", "flagged",
+                               "model_version", "threshold", "scored_at"))
 
 
 def read_dataset(data: bytes) -> Dataset:
@@ -134,14 +161,15 @@ def read_dataset(data: bytes) -> Dataset:
 
 
 def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
-           lookup: OrthancLookup) -> dict[str, Any]:
-    """Render and index one instance; return its image columns.
+           lookup: OrthancLookup, models: ModelSlot | None = None) -> dict[str, Any]:
+    """Render, score and index one instance; return its image columns.
 
     Orthanc's tags are asked for only when pydicom cannot read the file, so that even an
     unreadable instance that Orthanc accepted gets its place in the hierarchy and a status;
     Orthanc's decoder only when pydicom's decoders fail.
     """
     png_path = settings.png_directory / f"{instance_id}.png"
+    score = None
     try:
         ds = read_dataset(data)
     except Exception as exc:  # pydicom could not parse what DCMTK accepted
@@ -150,13 +178,19 @@ def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
                    "status_detail": f"pydicom cannot read the file: {type(exc).__name__}: {exc}"}
     else:
         record = describe(ds, instance_id, lookup)
+        rendered, score = _render_columns(ds, png_path, settings,
+                                          lambda f: lookup.decode(data, f), models)
         columns = {**_EMPTY_RENDER, "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),
-                   "frames": _int(ds, "NumberOfFrames"),
-                   **_render_columns(ds, png_path, settings, lambda f: lookup.decode(data, f))}
+                   "frames": _int(ds, "NumberOfFrames"), **rendered}
     if columns["status"] != idx.RENDERED:
         png_path.unlink(missing_ok=True)  # a re-sent instance that no longer renders
     image = {**record.image, **columns}
     index.put(idx.InstanceRecord(record.patient, record.study, record.series, image))
+    if score is not None:
+        try:
+            lookup.publish(instance_id, record.study["orthanc_id"], score)
+        except Exception:  # Orthanc's copy of the flag is a convenience; the index has it
+            log.exception("publishing the score of %s to Orthanc failed", instance_id)
     return image
 
 

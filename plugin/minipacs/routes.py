@@ -14,10 +14,13 @@ from typing import Any, Callable, Mapping
 
 from . import __version__
 from . import index as idx
+from .rescore import Busy, Rescorer
+from .scoring import ModelError, ModelSlot
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 log = logging.getLogger("minipacs")
+UI_PAGE = (Path(__file__).parent / "ui.html").read_bytes()
 ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
 
 
@@ -66,25 +69,38 @@ Handler = Callable[..., Any]
 
 
 class Router:
-    """Dispatches ``/minipacs/...`` requests to the index."""
+    """Dispatches ``/minipacs/...`` requests to the index and the model."""
 
     def __init__(self, index: idx.Index, png_directory: Path,
-                 ingest_stats: Callable[[], dict[str, Any]]):
+                 ingest_stats: Callable[[], dict[str, Any]],
+                 models: ModelSlot | None = None, rescorer: Rescorer | None = None,
+                 orthanc_features: Callable[[], dict[str, Any]] = dict):
         self.index = index
         self.png_directory = Path(png_directory)
         self.ingest_stats = ingest_stats
+        self.models = models or ModelSlot(None)
+        self.rescorer = rescorer
+        self.orthanc_features = orthanc_features
         level_routes = [
             ("patients", "patient", idx.PATIENTS, "studies", idx.STUDIES, "s.patient"),
             ("studies", "study", idx.STUDIES, "series", idx.SERIES, "se.study"),
             ("series", "series", idx.SERIES, "images", idx.IMAGES, "i.series"),
             ("images", "image", idx.IMAGES, None, None, None),
         ]
-        routes: list[tuple[str, Handler]] = [
+        routes: list[tuple[str, Handler | dict[str, Handler]]] = [
             (r"", self.welcome),
+            (r"ui", lambda q: Response(200, UI_PAGE, "text/html; charset=utf-8")),
             (r"ingest", self.ingest),
             (r"counts", lambda q: self.index.counts()),
+            (r"anomalies", self.anomalies),
+            (r"model", self.model),
+            (r"model/reload", {"POST": self.reload_model}),
+            (r"rescore", {"GET": self.rescore_progress, "POST": self.start_rescore}),
             (r"imageinfo/(?P<name>.+)", self.image_info),
             (r"images/(?P<uid>.+)/png", self.png),
+            (r"images/(?P<uid>.+)/score", self.image_score),
+            (r"studies/(?P<uid>.+)/summary", self._summary(idx.STUDIES, "study", "se.study")),
+            (r"series/(?P<uid>.+)/summary", self._summary(idx.SERIES, "series", "i.series")),
             (r"patients/(?P<uid>.+)/(?P<what>studycount|seriescount|imagecount|counts)",
              self.patient_counts),
         ]
@@ -95,28 +111,34 @@ class Router:
                 routes.append((f"{name}/(?P<uid>.+)/{child_name}",
                                self._children(level, noun, child, parent_column)))
             routes.append((f"{name}/(?P<uid>.+)", self._getter(level, noun)))
-        self.routes = [(re.compile(pattern + r"/?"), handler) for pattern, handler in routes]
+        self.routes = [(re.compile(pattern + r"/?"), handler if isinstance(handler, dict)
+                        else {"GET": handler}) for pattern, handler in routes]
 
     # Dispatch -------------------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, query: Mapping[str, str]) -> Response:
+    def handle(self, method: str, path: str, query: Mapping[str, str], body: bytes = b"") -> Response:
         """Answer one request; never raises (an unexpected error is a logged JSON 500)."""
         path = path.lstrip("/")
         try:
-            for pattern, handler in self.routes:
+            for pattern, handlers in self.routes:
                 match = pattern.fullmatch(path)
                 if match:
-                    if method != "GET":
-                        raise HttpError(405, f"{method} is not allowed here; use GET",
-                                        allowed="GET")
-                    result = handler(query, **match.groupdict())
+                    if method not in handlers:
+                        allowed = ",".join(handlers)
+                        raise HttpError(405, f"{method} is not allowed here; use {allowed}",
+                                        allowed=allowed)
+                    arguments = match.groupdict()
+                    if method == "POST":
+                        arguments["body"] = body
+                    result = handlers[method](query, **arguments)
                     return result if isinstance(result, Response) else json_response(result)
             raise HttpError(404, f"no such route: /minipacs/{path}")
         except HttpError as exc:
+            headers = {"Allow": exc.details["allowed"]} if exc.status == 405 else {}
             return json_response({"error": str(exc), "status": exc.status, **exc.details},
-                                 exc.status)
+                                 exc.status, **headers)
         except Exception as exc:  # a bug or a broken index file: answer, and keep Orthanc up
-            log.exception("GET /minipacs/%s failed", path)
+            log.exception("%s /minipacs/%s failed", method, path)
             return json_response({"error": f"internal error: {type(exc).__name__}: {exc}",
                                   "status": 500}, 500)
 
@@ -124,7 +146,8 @@ class Router:
 
     def welcome(self, query):
         return {"name": "minipacs", "version": __version__,
-                "message": "Welcome to the minipacs API", "counts": self.index.counts()}
+                "message": "Welcome to the minipacs API", "counts": self.index.counts(),
+                "model": self.models.describe(), "orthanc": self.orthanc_features()}
 
     def ingest(self, query):
         return {"worker": self.ingest_stats(), "statuses": self.index.status_counts()}
@@ -162,6 +185,76 @@ class Router:
         limit, offset = paging(query)
         items, total = self.index.page(level, limit, offset, where, args)
         return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+    def anomalies(self, query):
+        """Flagged images, most anomalous first, filtered by patient/study/series/modality and
+        minimum score."""
+        clauses, args = ["i.flagged = 1"], []
+        for key, column in (("patient", "p.patient_id"), ("study", "s.study_uid"),
+                            ("series", "se.series_uid"), ("modality", "se.modality")):
+            if query.get(key):
+                clauses.append(f"{column} = ?")
+                args.append(query[key])
+        if query.get("min_score"):
+            try:
+                minimum = float(query["min_score"])
+            except ValueError:
+                minimum = float("nan")
+            if not 0.0 <= minimum <= 1.0:
+                raise HttpError(400, f"'min_score' must be a number within [0, 1], not {query['min_score']!r}")
+            clauses.append("i.anomaly_score >= ?")
+            args.append(minimum)
+        limit, offset = paging(query)
+        items, total = self.index.page(idx.FLAGGED, limit, offset, " AND ".join(clauses), tuple(args))
+        return {"items": items, "total": total, "limit": limit, "offset": offset,
+                "model": self.models.describe()}
+
+    def image_score(self, query, uid):
+        image = self._found(idx.IMAGES, "image", uid)
+        if image["AnomalyScore"] is None:
+            raise HttpError(404, f"image {uid} has no score", Status=image["Status"],
+                            StatusDetail=image["StatusDetail"], Model=self.models.describe())
+        return {key: image[key] for key in ("SOPInstanceUID", "OrthancID", "AnomalyScore",
+                                            "Flagged", "ModelVersion", "Threshold", "ScoredAt")}
+
+    def _summary(self, level: idx.Level, noun: str, column: str) -> Handler:
+        def summary(query, uid):
+            found = self._found(level, noun, uid)
+            return {**found, **self.index.summary(f"{column} = ?", (found["OrthancID"],))}
+        return summary
+
+    def model(self, query):
+        return self.models.describe()
+
+    def reload_model(self, query, body):
+        """Load the configured model file again, or ``{"Path": "..."}``, without a restart."""
+        try:
+            request = json.loads(body or b"{}")
+        except ValueError as exc:
+            raise HttpError(400, f"body must be JSON: {exc}")
+        path = request.get("Path") if isinstance(request, dict) else None
+        if not isinstance(request, dict) or (path is not None and not isinstance(path, str)):
+            raise HttpError(400, 'body must be {} or {"Path": "<model.onnx>"}')
+        try:
+            self.models.load(path)
+        except ModelError as exc:
+            raise HttpError(400, str(exc), Model=self.models.describe())
+        return self.models.describe()
+
+    def rescore_progress(self, query):
+        if self.rescorer is None:
+            raise HttpError(404, "rescoring is not available")
+        return self.rescorer.progress()
+
+    def start_rescore(self, query, body):
+        if self.rescorer is None:
+            raise HttpError(404, "rescoring is not available")
+        try:
+            return self.rescorer.start()
+        except Busy as exc:
+            raise HttpError(409, str(exc), Progress=self.rescorer.progress())
+        except ModelError as exc:
+            raise HttpError(409, f"no model to rescore with: {exc}")
 
     def patient_counts(self, query, uid, what):
         patient = self._found(idx.PATIENTS, "patient", uid)

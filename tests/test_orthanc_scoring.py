@@ -1,0 +1,82 @@
+"""Scoring inside a real Orthanc: scores in the index and in Orthanc, live model swap, rescore."""
+
+import time
+
+import pytest
+
+from minipacs import synth
+from onnx_models import brightness_model
+from orthanc_server import OrthancServer
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    work = tmp_path_factory.mktemp("scored")
+    model = brightness_model(work / "bright.onnx", size=16, threshold=0.2, version="bright-0.2")
+    server = OrthancServer(work / "orthanc")
+    server.config["MiniPacs"]["ModelPath"] = str(model)
+    server.start()
+    try:
+        for ds in synth.generate(1, seed=3, size=128, slices=6, anomalies=1.0):
+            assert server.upload(synth.encode(ds)).status_code == 200
+        server.wait_for_ingest()
+        server.work = work
+        yield server
+    finally:
+        server.stop()
+
+
+def test_every_rendered_image_is_scored_and_mirrored_in_orthanc(scored):
+    images = scored.json("/minipacs/images?limit=1000")["items"]
+    assert images and all(i["Status"] == "rendered" for i in images)
+    for image in images:
+        assert image["ModelVersion"] == "bright-0.2" and image["Threshold"] == 0.2
+        assert image["Flagged"] == (1 - image["AnomalyScore"] < 0.2)
+        metadata = scored.get(f"/instances/{image['OrthancID']}/metadata/MiniPacsAnomalyScore")
+        assert metadata.status_code == 200 and float(metadata.text) == pytest.approx(image["AnomalyScore"], abs=1e-6)
+        flag = scored.get(f"/instances/{image['OrthancID']}/metadata/MiniPacsFlagged").text
+        assert flag == ("1" if image["Flagged"] else "0")
+
+
+def test_anomalies_route_lists_exactly_the_flagged_images(scored):
+    images = scored.json("/minipacs/images?limit=1000")["items"]
+    flagged = {i["SOPInstanceUID"] for i in images if i["Flagged"]}
+    assert flagged, "the brightness model flags the dark slices"
+    page = scored.json("/minipacs/anomalies?limit=1000")
+    assert {i["SOPInstanceUID"] for i in page["items"]} == flagged
+    first = page["items"][0]
+    assert scored.json(f"/minipacs/images/{first['SOPInstanceUID']}/score")["Flagged"] is True
+    summary = scored.json(f"/minipacs/studies/{first['StudyInstanceUID']}/summary")
+    assert summary["flagged"] >= 1 and summary["max_score"] == pytest.approx(first["AnomalyScore"])
+
+
+def test_orthanc_1_10_has_no_labels_and_minipacs_knows(scored):
+    features = scored.json("/minipacs/")["orthanc"]
+    assert features["version"].startswith("1.10") and features["labels"] is False
+    assert features["metadata"] == ["MiniPacsAnomalyScore", "MiniPacsFlagged"]
+
+
+def test_swapping_the_model_and_rescoring_without_a_restart(scored):
+    strict = brightness_model(scored.work / "strict.onnx", size=16, threshold=0.999, version="strict")
+    answer = scored.session.post(scored.url + "/minipacs/model/reload", json={"Path": str(strict)})
+    assert answer.status_code == 200 and answer.json()["Version"] == "strict"
+    assert scored.json("/minipacs/model")["Version"] == "strict"
+    started = scored.session.post(scored.url + "/minipacs/rescore")
+    assert started.status_code == 200
+    deadline = time.monotonic() + 60
+    while (progress := scored.json("/minipacs/rescore"))["State"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    images = scored.json("/minipacs/images?limit=1000")["items"]
+    assert progress["State"] == "done" and progress["Done"] == len(images)
+    assert all(i["ModelVersion"] == "strict" and i["Flagged"] for i in images)
+    sample = images[0]["OrthancID"]
+    assert scored.get(f"/instances/{sample}/metadata/MiniPacsFlagged").text == "1"
+    bad = scored.session.post(scored.url + "/minipacs/model/reload", data=b'{"Path": "/nope.onnx"}')
+    assert bad.status_code == 400 and scored.json("/minipacs/model")["Version"] == "strict"
+
+
+def test_ui_page_is_served(scored):
+    answer = scored.get("/minipacs/ui")
+    assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/html")
+    assert "./anomalies" in answer.text and "../ohif/viewer?StudyInstanceUIDs=" in answer.text

@@ -2,23 +2,33 @@
 # minipacs: install what is missing, then start Orthanc with the plugin, or run the tests.
 #   ./minipacs.sh start [orthanc.json]   Orthanc + minipacs on :8042 / DICOM :4242, demo data if empty
 #   ./minipacs.sh test [pytest args]     the whole test suite
+#   ./minipacs.sh train [args]           offline training of the anomaly model (python -m training --help)
 #   ./minipacs.sh bench                  the benchmarks in bench/ (results in bench/results/)
-#   ./minipacs.sh setup [--dev]          only install (apt packages, .venv); --dev adds test tools
+#   ./minipacs.sh setup [--dev]          only install (apt packages, .venv, OHIF); --dev adds test tools
 # Re-running is fast: apt and pip run only when something is missing or requirements changed.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
 VENV=$ROOT/.venv
+TRAIN_VENV=$ROOT/.venv-training
 APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools python3-venv)
+APT_DEV_PACKAGES=(chromium)  # headless browser of tests/test_ohif.py (driven by Playwright)
+# OHIF 3, served at /ohif/: the npm package @ohif/app ships the built viewer in dist/.
+OHIF_VERSION=3.13.2
+OHIF=$ROOT/.ohif
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 say() { printf '\033[1mminipacs:\033[0m %s\n' "$*" >&2; }
 
 install_apt() {
-  local missing=() p
-  for p in "${APT_PACKAGES[@]}"; do
+  local wanted=("${APT_PACKAGES[@]}") missing=() p
+  [ "${1:-}" = "--dev" ] && wanted+=("${APT_DEV_PACKAGES[@]}")
+  for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
   done
+  # npm fetches OHIF. Any Node.js that brings npm will do (Debian's nodejs + npm, or NodeSource's
+  # nodejs, which bundles npm and conflicts with Debian's npm package).
+  command -v npm >/dev/null || missing+=(nodejs npm)
   [ ${#missing[@]} -eq 0 ] && return
   say "installing Debian packages: ${missing[*]}"
   $SUDO apt-get update -q
@@ -31,24 +41,46 @@ install_apt() {
   fi
 }
 
-install_venv() {
-  local files=(plugin/requirements.txt) mode=runtime stamp
-  if [ "${1:-}" = "--dev" ]; then mode=dev; files+=(tests/requirements.txt); fi
-  # Orthanc embeds Debian's /usr/bin/python3: the venv must be built on that interpreter.
-  if [ ! -x "$VENV/bin/python" ] || ! grep -q "^home = /usr/bin$" "$VENV/pyvenv.cfg"; then
-    rm -rf "$VENV"
-    say "creating $VENV on /usr/bin/python3"
-    /usr/bin/python3 -m venv "$VENV"
+# A venv on /usr/bin/python3 (the interpreter Orthanc embeds) holding the requirement files;
+# pip runs only when their content changed (a stamp per mode).
+build_venv() {
+  local venv=$1 mode=$2 stamp
+  shift 2
+  if [ ! -x "$venv/bin/python" ] || ! grep -q "^home = /usr/bin$" "$venv/pyvenv.cfg"; then
+    rm -rf "$venv"
+    say "creating $venv on /usr/bin/python3"
+    /usr/bin/python3 -m venv "$venv"
   fi
-  stamp=$(cat "${files[@]}" | sha256sum | cut -c1-16)
-  if ! grep -qx "$stamp" "$VENV/.minipacs-$mode" 2>/dev/null; then
-    say "installing Python requirements: ${files[*]}"
-    "$VENV/bin/pip" install -q --disable-pip-version-check "${files[@]/#/-r}"
-    echo "$stamp" > "$VENV/.minipacs-$mode"
+  stamp=$(cat "$@" | sha256sum | cut -c1-16)
+  if ! grep -qx "$stamp" "$venv/.minipacs-$mode" 2>/dev/null; then
+    say "installing Python requirements: $*"
+    "$venv/bin/pip" install -q --disable-pip-version-check "${@/#/-r}"
+    echo "$stamp" > "$venv/.minipacs-$mode"
   fi
 }
 
-setup() { install_apt; install_venv "${1:-}"; }
+install_venv() {
+  local files=(plugin/requirements.txt) mode=runtime
+  if [ "${1:-}" = "--dev" ]; then mode=dev; files+=(tests/requirements.txt); fi
+  build_venv "$VENV" "$mode" "${files[@]}"
+}
+
+# TensorFlow needs numpy < 2 and the plugin numpy 2: training gets a venv of its own.
+install_training_venv() { build_venv "$TRAIN_VENV" training training/requirements.txt; }
+
+install_ohif() {
+  # Only the package's own tarball: its dist/ is self-contained (no node_modules needed).
+  [ "$(cat "$OHIF/.minipacs-version" 2>/dev/null)" = "$OHIF_VERSION" ] \
+    && [ -f "$OHIF/dist/index.html" ] && return
+  say "installing OHIF $OHIF_VERSION (npm package @ohif/app) into $OHIF"
+  rm -rf "$OHIF.tmp" && mkdir -p "$OHIF.tmp"
+  (cd "$OHIF.tmp" && npm pack --silent --cache "$OHIF.tmp/npm-cache" "@ohif/app@$OHIF_VERSION" >/dev/null)
+  tar -xzf "$OHIF.tmp/ohif-app-$OHIF_VERSION.tgz" -C "$OHIF.tmp" --no-same-owner
+  rm -rf "$OHIF" && mv "$OHIF.tmp/package" "$OHIF" && rm -rf "$OHIF.tmp"
+  echo "$OHIF_VERSION" > "$OHIF/.minipacs-version"
+}
+
+setup() { install_apt "${1:-}"; install_venv "${1:-}"; install_ohif; }
 
 orthanc_env() {
   export PYTHONPATH="$VENV/lib/python3.11/site-packages:$ROOT/plugin${PYTHONPATH:+:$PYTHONPATH}"
@@ -77,13 +109,20 @@ case "${1:-}" in
   test)
     shift
     setup --dev
+    install_training_venv
     orthanc_env
     exec "$VENV/bin/python" -m pytest tests "$@"
+    ;;
+  train)
+    shift
+    install_training_venv
+    PYTHONPATH="$ROOT/plugin:$ROOT" exec "$TRAIN_VENV/bin/python" -m training "$@"
     ;;
   bench)
     setup --dev
     "$VENV/bin/python" bench/render.py --json bench/results/render.json
     "$VENV/bin/python" bench/png_options.py
+    "$VENV/bin/python" bench/scoring.py --json bench/results/scoring.json
     ;;
-  *) sed -n '2,7p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,8p' "$0" >&2; exit 2 ;;
 esac

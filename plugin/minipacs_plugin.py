@@ -16,7 +16,7 @@ import orthanc
 from minipacs import __version__
 from minipacs.config import from_orthanc
 from minipacs.index import Index
-from minipacs.ingest import Settings, Worker, ingest
+from minipacs.ingest import Settings, Worker, ingest, reconcile, remove
 from minipacs.orthanc_ids import OrthancIds
 from minipacs.render import image_array
 from minipacs.rescore import Rescorer
@@ -126,13 +126,24 @@ rescorer = Rescorer(index, config.png_directory, models, Lookup().publish)
 router = Router(index, config.png_directory, worker.stats, models, rescorer, features)
 
 
-def reconcile() -> None:
-    """Queue every instance Orthanc holds that the index lacks (stored while we were down)."""
-    missing = set(json.loads(orthanc.RestApiGet("/instances"))) - index.orthanc_instance_ids()
-    if missing:
-        log.warning("queueing %d instance(s) stored while minipacs was not running", len(missing))
-    for instance_id in sorted(missing):
-        worker.submit(instance_id)
+def orthanc_instances() -> set[str]:
+    return set(json.loads(orthanc.RestApiGet("/instances")))
+
+
+def keep_reconciled() -> None:
+    """At start, then whenever the worker is idle and the counts differ: the index follows
+    Orthanc even after a crash, a full queue, or changes made while minipacs was off."""
+    if config.reconcile_on_start:
+        reconcile(index, config.png_directory, orthanc_instances(), worker.submit)
+    while config.reconcile_interval and not stopping.wait(config.reconcile_interval):
+        stored = json.loads(orthanc.RestApiGet("/statistics"))["CountInstances"]
+        if worker.stats()["idle"] and stored != index.counts()["images"]:
+            reconcile(index, config.png_directory, orthanc_instances(), worker.submit)
+
+
+stopping = threading.Event()
+LEVELS = {orthanc.ResourceType.PATIENT: "patients", orthanc.ResourceType.STUDY: "studies",
+          orthanc.ResourceType.SERIES: "series", orthanc.ResourceType.INSTANCE: "images"}
 
 
 def on_stored_instance(dicom, instance_id: str) -> None:
@@ -140,9 +151,12 @@ def on_stored_instance(dicom, instance_id: str) -> None:
 
 
 def on_change(change_type, level, resource_id) -> None:
-    if change_type == orthanc.ChangeType.ORTHANC_STARTED and config.reconcile_on_start:
-        threading.Thread(target=reconcile, name="minipacs-reconcile", daemon=True).start()
+    if change_type == orthanc.ChangeType.DELETED and level in LEVELS:
+        remove(index, config.png_directory, LEVELS[level], resource_id)
+    elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+        threading.Thread(target=keep_reconciled, name="minipacs-reconcile", daemon=True).start()
     elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+        stopping.set()
         worker.stop()
 
 

@@ -217,3 +217,30 @@ def test_full_queue_drops_without_blocking_the_caller():
     assert worker.stats()["dropped"] == 1
     block.set()
     worker.stop()
+
+
+def test_deleting_a_resource_removes_what_is_under_it_and_empty_parents(index, settings):
+    from minipacs.ingest import remove
+
+    images = [run(index, settings, name) for name in ("emri_small.dcm", "CT_small.dcm")]
+    ct = index.get(idx.PATIENTS, "1CT1")
+    assert remove(index, settings.png_directory, "patients", ct["OrthancID"]) == 1
+    assert not (settings.png_directory / images[1]["png"]).exists()
+    assert index.counts() == {"patients": 1, "studies": 1, "series": 1, "images": 1}
+    assert remove(index, settings.png_directory, "images", images[0]["orthanc_id"]) == 1
+    assert index.counts() == {"patients": 0, "studies": 0, "series": 0, "images": 0}
+    assert not list(settings.png_directory.iterdir())
+    with pytest.raises(ValueError):
+        index.delete("sqlite_master", "x")
+
+
+def test_reconcile_queues_the_missing_and_forgets_the_deleted(index, settings):
+    from minipacs.ingest import reconcile
+
+    kept = run(index, settings, "CT_small.dcm")["orthanc_id"]
+    gone = run(index, settings, "MR_small.dcm")["orthanc_id"]
+    queued = []
+    assert reconcile(index, settings.png_directory, {kept, "new-1", "new-2"}, queued.append) == (2, 1)
+    assert queued == ["new-1", "new-2"]
+    assert index.orthanc_instance_ids() == {kept} and gone not in index.orthanc_instance_ids()
+    assert reconcile(index, settings.png_directory, {kept}, queued.append) == (0, 0)

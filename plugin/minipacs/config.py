@@ -23,6 +23,7 @@ class Config:
     window_index: int
     queue_size: int
     reconcile_on_start: bool
+    reconcile_interval: int
     model_path: Path | None
     anomaly_threshold: float | None
     ohif_directory: Path
@@ -36,6 +37,7 @@ _DEFAULTS: dict[str, Any] = {
     "WindowIndex": 0,
     "QueueSize": 100000,
     "ReconcileOnStart": True,
+    "ReconcileInterval": 60,
     "ModelPath": None,  # the shipped model; "" turns scoring off
     "AnomalyThreshold": None,  # the model's own
     "OhifDirectory": None,  # <repository>/.ohif/dist
@@ -84,6 +86,9 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
     model = _typed(options, "ModelPath", str)
     if _typed(options, "OhifDirectory", str) == "":
         raise ConfigError(f"{SECTION}.OhifDirectory must not be empty")
+    interval = _typed(options, "ReconcileInterval", int)
+    if interval < 0:
+        raise ConfigError(f"{SECTION}.ReconcileInterval must be at least 0 (off), not {interval}")
     queue_size = _typed(options, "QueueSize", int)
     if queue_size < 1:
         raise ConfigError(f"{SECTION}.QueueSize must be at least 1, not {queue_size}")
@@ -95,6 +100,7 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
         window_index=window_index,
         queue_size=queue_size,
         reconcile_on_start=_typed(options, "ReconcileOnStart", bool),
+        reconcile_interval=interval,
         model_path=DEFAULT_MODEL if model is None else (base / model if model else None),
         anomaly_threshold=None if threshold is None else float(threshold),
         ohif_directory=path("OhifDirectory", DEFAULT_OHIF),

@@ -277,5 +277,22 @@ class Index:
                WHERE i.status = 'rendered' AND i.orthanc_id > ? ORDER BY i.orthanc_id LIMIT ?""",
             (after, limit)).fetchall()
 
+    def delete(self, table: str, orthanc_id: str) -> list[str]:
+        """Remove a resource, everything under it and the parents it leaves empty (as Orthanc
+        does); return the PNG file names of the images removed."""
+        if table not in ("patients", "studies", "series", "images"):
+            raise ValueError(f"no such level: {table}")
+        under = {"patients": "p.orthanc_id", "studies": "s.orthanc_id",
+                 "series": "se.orthanc_id", "images": "i.orthanc_id"}[table]
+        with self._connection() as db:
+            pngs = [row[0] for row in db.execute(
+                f"SELECT i.png FROM {IMAGES.source} WHERE {under} = ? AND i.png IS NOT NULL",
+                (orthanc_id,))]
+            db.execute(f"DELETE FROM {table} WHERE orthanc_id = ?", (orthanc_id,))
+            db.execute("DELETE FROM series WHERE orthanc_id NOT IN (SELECT series FROM images)")
+            db.execute("DELETE FROM studies WHERE orthanc_id NOT IN (SELECT study FROM series)")
+            db.execute("DELETE FROM patients WHERE orthanc_id NOT IN (SELECT patient FROM studies)")
+        return pngs
+
     def orthanc_instance_ids(self) -> set[str]:
         return {row[0] for row in self._connection().execute("SELECT orthanc_id FROM images")}

@@ -194,6 +194,31 @@ def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
     return image
 
 
+def remove(index: idx.Index, png_directory: Path, table: str, orthanc_id: str) -> int:
+    """Forget a resource Orthanc deleted: its rows, those under it, and their PNGs."""
+    pngs = index.delete(table, orthanc_id)
+    for name in pngs:
+        (png_directory / name).unlink(missing_ok=True)
+    return len(pngs)
+
+
+def reconcile(index: idx.Index, png_directory: Path, in_orthanc: set[str],
+              submit: Callable[[str], Any]) -> tuple[int, int]:
+    """Make the index hold exactly Orthanc's instances: queue the missing ones, forget the
+    deleted ones (stored or deleted while minipacs was not running, or dropped by a full
+    queue). Returns (queued, removed)."""
+    indexed = index.orthanc_instance_ids()
+    missing, deleted = sorted(in_orthanc - indexed), sorted(indexed - in_orthanc)
+    for instance_id in missing:
+        submit(instance_id)
+    for instance_id in deleted:
+        remove(index, png_directory, "images", instance_id)
+    if missing or deleted:
+        log.warning("reconciled with Orthanc: %d instance(s) queued, %d forgotten",
+                    len(missing), len(deleted))
+    return len(missing), len(deleted)
+
+
 class Worker:
     """One thread that runs ``handle(instance_id)`` for each queued ID, counting outcomes."""
 

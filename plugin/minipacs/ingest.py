@@ -137,7 +137,8 @@ def _render_columns(ds: Dataset, png_path: Path, settings: Settings, fallback: D
     partial.write_bytes(encode_png(shown.pixels, settings.png_compress_level))
     os.replace(partial, png_path)  # readers never see half a PNG
     score, score_cols = score_image(models, shown.pixels, png_path.stem)
-    return {"status": idx.RENDERED, "png": png_path.name, "frames": shown.frames,
+    return {"status": idx.RENDERED, "status_detail": shown.notes or None,
+            "png": png_path.name, "frames": shown.frames,
             "rendered_frame": shown.frame, "photometric": shown.photometric,
             "rescale_slope": shown.rescale_slope, "rescale_intercept": shown.rescale_intercept,
             "window_center": shown.window_center, "window_width": shown.window_width,

@@ -15,6 +15,7 @@ one indexing per pixel), never per-pixel float math. Training and the plugin bot
 """
 
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -29,6 +30,7 @@ PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # X-Ray Angiographic / RF: pixel values are not rescaled for display (DCMTK ignores their LUT).
 XRAY_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.12.2",
                     "1.2.840.10008.5.1.4.1.1.12.3"}
+MAX_FRAME_SAMPLES = 1 << 27  # 134 M samples (a 11585² grey frame): memory stays bounded
 MAX_TABLE = 1 << 16  # integer images with a wider stored range are transformed per pixel
 
 
@@ -60,6 +62,7 @@ class Rendered:
     voi_function: str | None = None  # LINEAR, LINEAR_EXACT, SIGMOID, or None for a VOI LUT
     inverted: bool = False
     decoder: str = "pydicom"  # or "fallback": see decode()
+    notes: str = ""  # what the decoder warned about
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,9 @@ def first_value(value, index: int = 0) -> float | None:
 
 # Decoding -----------------------------------------------------------------------------------
 
-def decode(ds: Dataset, frame: int, fallback: Decoder | None = None) -> tuple[np.ndarray, str]:
-    """Stored values of one frame, and which decoder gave them ("pydicom" or "fallback").
+def decode(ds: Dataset, frame: int, fallback: Decoder | None = None) -> tuple[np.ndarray, str, str]:
+    """Stored values of one frame, which decoder gave them ("pydicom" or "fallback"), and what
+    the decoder warned about (excess padding, say), for the index.
 
     Uncompressed colour stays in its own colour space (converted below, as DCMTK does); JPEG
     decoders return YBR data as RGB, converted with the JPEG rounding DCMTK's codec uses too.
@@ -123,14 +127,17 @@ def decode(ds: Dataset, frame: int, fallback: Decoder | None = None) -> tuple[np
                                           else ExplicitVRBigEndian)
     syntax = ds.file_meta.TransferSyntaxUID
     try:
-        stored = pixel_array(ds, index=frame, raw=not syntax.is_compressed)
-        return stored.astype(stored.dtype.newbyteorder("="), copy=False), "pydicom"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stored = pixel_array(ds, index=frame, raw=not syntax.is_compressed)
+        notes = "; ".join(dict.fromkeys(str(w.message) for w in caught))
+        return stored.astype(stored.dtype.newbyteorder("="), copy=False), "pydicom", notes
     except Exception as exc:  # pydicom raises many types; the index records the message.
         error = f"cannot decode pixel data ({syntax.name}): {type(exc).__name__}: {exc}"
         if fallback is None:
             raise RenderError(error) from exc
         try:
-            return fallback(frame), "fallback"
+            return fallback(frame), "fallback", ""
         except Exception as second:
             raise RenderError(f"{error}; fallback decoder: {type(second).__name__}: {second}") from exc
 
@@ -453,7 +460,13 @@ def render(ds: Dataset, frame: int = 0, window_index: int = 0,
         raise RenderError(f"invalid Number of Frames: {exc}") from exc
     if not 0 <= frame < frames:
         raise RenderError(f"frame {frame} out of range: the image has {frames} frame(s)")
-    stored, decoder = decode(ds, frame, fallback)
+    samples = 1
+    for keyword, default in (("Rows", 0), ("Columns", 0), ("SamplesPerPixel", 1)):
+        samples *= int(ds.get(keyword, default) or default)
+    if samples > MAX_FRAME_SAMPLES:
+        raise RenderError(f"a frame of {samples} samples is more than minipacs renders "
+                          f"({MAX_FRAME_SAMPLES})")
+    stored, decoder, notes = decode(ds, frame, fallback)
     if stored.ndim not in (2, 3) or 0 in stored.shape:
         raise RenderError(f"unexpected decoded shape {stored.shape}")
     params: dict = {}
@@ -467,7 +480,7 @@ def render(ds: Dataset, frame: int = 0, window_index: int = 0,
     else:
         raise RenderError(f"unsupported Photometric Interpretation {photometric!r}")
     return Rendered(pixels=burn_overlays(pixels, ds), photometric=photometric, frames=frames,
-                    frame=frame, decoder=decoder, **params)
+                    frame=frame, decoder=decoder, notes=notes, **params)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -244,3 +244,20 @@ def test_reconcile_queues_the_missing_and_forgets_the_deleted(index, settings):
     assert queued == ["new-1", "new-2"]
     assert index.orthanc_instance_ids() == {kept} and gone not in index.orthanc_instance_ids()
     assert reconcile(index, settings.png_directory, {kept}, queued.append) == (0, 0)
+
+
+def test_an_index_made_by_an_older_version_gains_the_new_columns(tmp_path, settings):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "old.sqlite")
+    old.executescript("""
+        CREATE TABLE patients (orthanc_id TEXT PRIMARY KEY, patient_id TEXT NOT NULL);
+        CREATE TABLE images (orthanc_id TEXT PRIMARY KEY, series TEXT NOT NULL, sop_uid TEXT NOT NULL,
+                             status TEXT NOT NULL, indexed_at TEXT NOT NULL DEFAULT 'x');
+        INSERT INTO patients VALUES ('p', 'kept');""")
+    old.commit()
+    old.close()
+    index = idx.Index(tmp_path / "old.sqlite")
+    assert index.get(idx.PATIENTS, "kept")["PatientName"] is None
+    run(index, settings, "CT_small.dcm")
+    assert index.counts()["images"] == 1 and index.get(idx.PATIENTS, "1CT1")

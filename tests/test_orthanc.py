@@ -247,3 +247,26 @@ def test_orthancs_decoder_takes_over_where_pydicom_fails(orthanc, tmp_path):
     subprocess.run(["dcmj2pnm", *option, "--write-png", str(path), str(tmp_path / "ref.png")],
                    check=True, capture_output=True)
     assert np.array_equal(png, np.asarray(Image.open(tmp_path / "ref.png")))
+
+
+def test_a_bad_configuration_leaves_orthanc_running_and_says_why(tmp_path):
+    server = OrthancServer(tmp_path)
+    server.config["MiniPacs"]["PngCompressLevel"] = 42
+    server.start()
+    try:
+        answer = server.get("/minipacs/counts")
+        assert answer.status_code == 503 and "PngCompressLevel must be within 0..9" in answer.json()["error"]
+        assert server.upload(find("CT_small.dcm").read_bytes()).status_code == 200
+        assert server.json("/statistics")["CountInstances"] == 1
+    finally:
+        server.stop()
+    # Fixed, the plugin catches up with what was stored meanwhile.
+    server.config["MiniPacs"]["PngCompressLevel"] = 1
+    server.start()
+    try:
+        deadline = time.monotonic() + 30
+        while server.json("/minipacs/counts")["images"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        server.stop()

@@ -115,6 +115,9 @@ def test_pagination(router):
     ("images", {"limit": "1001"}, 400),
     ("images", {"limit": "ten"}, 400),
     ("images", {"offset": "1e3"}, 400),
+    ("images", {"offset": ""}, 400),
+    ("images", {"offset": "１２"}, 400),  # fullwidth digits are digits to str.isdigit
+    ("patients/", {}, 404),
     ("images", {"status": "weird"}, 400),
 ])
 def test_errors_are_json_with_the_right_status(router, path, query, status):

@@ -152,7 +152,10 @@ def test_scoring_routes(archive, tmp_path):
     assert call(router, "POST", "model/reload", b"{not json")[0] == 400
     assert call(router, "POST", "model/reload", b'{"Path": 3}')[0] == 400
     status, error = call(router, "POST", "model/reload", b'{"Path": "/nowhere.onnx"}')
-    assert status == 400 and error["Model"]["Version"] == "test-brightness"
+    assert status == 404 and error["Model"]["Version"] == "test-brightness"
+    (tmp_path / "bad.onnx").write_bytes(b"junk")
+    status, error = call(router, "POST", "model/reload", json.dumps({"Path": str(tmp_path / "bad.onnx")}).encode())
+    assert status == 400 and "cannot load model" in error["error"]
     other = brightness_model(tmp_path / "v3.onnx", version="v3")
     status, model = call(router, "POST", "model/reload", json.dumps({"Path": str(other)}).encode())
     assert status == 200 and model["Version"] == "v3"

@@ -81,6 +81,24 @@ CREATE INDEX IF NOT EXISTS images_by_status ON images(status);
 CREATE INDEX IF NOT EXISTS images_flagged ON images(flagged, anomaly_score);
 """
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Create the schema, adding the columns that an index made by an older version lacks
+    (columns are only ever added), so an upgrade keeps the existing rows."""
+    tables = [part for part in SCHEMA.split(";") if "CREATE TABLE" in part]
+    fresh = sqlite3.connect(":memory:")
+    for statement in tables:
+        db.execute(statement)
+        fresh.execute(statement)
+    for table in ("patients", "studies", "series", "images"):
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for _, name, kind, _, default, _ in fresh.execute(f"PRAGMA table_info({table})"):
+            if name not in present:
+                suffix = f" DEFAULT {default}" if default is not None else ""
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}{suffix}")
+    fresh.close()
+    db.executescript(SCHEMA)  # the indexes (the tables exist now)
+
+
 # Image statuses: what the worker concluded about an instance.
 RENDERED = "rendered"
 NO_PIXEL_DATA = "no_pixel_data"
@@ -159,7 +177,7 @@ class Index:
         self._local = threading.local()
         with self._connection() as db:
             db.execute("PRAGMA journal_mode = WAL")
-            db.executescript(SCHEMA)
+            _migrate(db)
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

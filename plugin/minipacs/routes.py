@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 from . import __version__
 from . import index as idx
+from . import openapi
 from .rescore import Busy, Rescorer
 from .scoring import ModelError, ModelSlot
 
@@ -47,9 +48,9 @@ def json_response(payload: Any, status: int = 200, **headers: str) -> Response:
 
 def _natural(query: Mapping[str, str], key: str, default: int, maximum: int) -> int:
     raw = query.get(key)
-    if raw is None or raw == "":
+    if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 9:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 12:
         raise HttpError(400, f"'{key}' must be a non-negative integer, not {raw!r}")
     value = int(raw)
     if value > maximum:
@@ -90,6 +91,7 @@ class Router:
         routes: list[tuple[str, Handler | dict[str, Handler]]] = [
             (r"", self.welcome),
             (r"ui", lambda q: Response(200, UI_PAGE, "text/html; charset=utf-8")),
+            (r"openapi\.json", lambda q: openapi.document()),
             (r"ingest", self.ingest),
             (r"counts", lambda q: self.index.counts()),
             (r"anomalies", self.anomalies),
@@ -111,7 +113,9 @@ class Router:
                 routes.append((f"{name}/(?P<uid>.+)/{child_name}",
                                self._children(level, noun, child, parent_column)))
             routes.append((f"{name}/(?P<uid>.+)", self._getter(level, noun)))
-        self.routes = [(re.compile(pattern + r"/?"), handler if isinstance(handler, dict)
+        # No trailing slash but for the root: Orthanc turns a backslash into a slash, and
+        # "patients/<backslash>" must not become the list "patients/".
+        self.routes = [(re.compile(pattern or "/?"), handler if isinstance(handler, dict)
                         else {"GET": handler}) for pattern, handler in routes]
 
     # Dispatch -------------------------------------------------------------------------------
@@ -195,7 +199,7 @@ class Router:
             if query.get(key):
                 clauses.append(f"{column} = ?")
                 args.append(query[key])
-        if query.get("min_score"):
+        if "min_score" in query:
             try:
                 minimum = float(query["min_score"])
             except ValueError:
@@ -235,6 +239,8 @@ class Router:
         path = request.get("Path") if isinstance(request, dict) else None
         if not isinstance(request, dict) or (path is not None and not isinstance(path, str)):
             raise HttpError(400, 'body must be {} or {"Path": "<model.onnx>"}')
+        if path is not None and not Path(path).is_file():
+            raise HttpError(404, f"no model file at {path}", Model=self.models.describe())
         try:
             self.models.load(path)
         except ModelError as exc:

@@ -1,0 +1,159 @@
+"""The OpenAPI 3 description of the /minipacs routes, served at /minipacs/openapi.json.
+
+Written by hand next to :mod:`minipacs.routes` (tests/test_openapi.py checks that both list the
+same routes, and runs schemathesis against the live server)."""
+
+from . import __version__
+
+_STRING = {"type": "string"}
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_STRING_OR_NULL = {"type": ["string", "null"]}
+_INTEGER_OR_NULL = {"type": ["integer", "null"]}
+
+
+def _object(required: list[str], **properties) -> dict:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+SCHEMAS = {
+    # Errors are ours ({"error", "status"}) or, for paths Orthanc refuses itself (".."), Orthanc's.
+    "Error": {"type": "object", "properties": {"error": _STRING, "status": {"type": "integer"}}},
+    "Count": _object(["count"], count={"type": "integer", "minimum": 0}),
+    "Counts": _object(["patients", "studies", "series", "images"],
+                      **{k: {"type": "integer", "minimum": 0}
+                         for k in ("patients", "studies", "series", "images")}),
+    "PatientCounts": _object(["PatientID"], PatientID=_STRING,
+                             **{k: {"type": "integer", "minimum": 0} for k in ("studies", "series", "images")}),
+    "Patient": _object(["OrthancID", "PatientID"], OrthancID=_STRING, PatientID=_STRING,
+                       PatientName=_STRING_OR_NULL, PatientBirthDate=_STRING_OR_NULL,
+                       PatientSex=_STRING_OR_NULL),
+    "Study": _object(["OrthancID", "StudyInstanceUID", "PatientID"], OrthancID=_STRING,
+                     StudyInstanceUID=_STRING, PatientID=_STRING, StudyDate=_STRING_OR_NULL,
+                     StudyDescription=_STRING_OR_NULL, AccessionNumber=_STRING_OR_NULL),
+    "Series": _object(["OrthancID", "SeriesInstanceUID", "StudyInstanceUID"], OrthancID=_STRING,
+                      SeriesInstanceUID=_STRING, StudyInstanceUID=_STRING, PatientID=_STRING,
+                      Modality=_STRING_OR_NULL, SeriesNumber=_INTEGER_OR_NULL,
+                      SeriesDescription=_STRING_OR_NULL),
+    "Image": _object(
+        ["OrthancID", "SOPInstanceUID", "Status"], OrthancID=_STRING, SOPInstanceUID=_STRING,
+        SeriesInstanceUID=_STRING, StudyInstanceUID=_STRING, PatientID=_STRING,
+        Status={"enum": ["rendered", "no_pixel_data", "render_failed", "unreadable"]},
+        StatusDetail=_STRING_OR_NULL, Png=_STRING_OR_NULL, InstanceNumber=_INTEGER_OR_NULL,
+        NumberOfFrames=_INTEGER_OR_NULL, WindowCenter=_NUMBER_OR_NULL, WindowWidth=_NUMBER_OR_NULL,
+        WindowSource=_STRING_OR_NULL, RescaleSlope=_NUMBER_OR_NULL, RescaleIntercept=_NUMBER_OR_NULL,
+        AnomalyScore={"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        Flagged={"type": ["boolean", "null"]}, ModelVersion=_STRING_OR_NULL,
+        Threshold=_NUMBER_OR_NULL),
+    "ImageInfo": _object(["InstanceNumber", "PatientID", "RescaleIntercept", "RescaleSlope",
+                          "SeriesDescription", "StudyDescription", "WindowCenter", "WindowWidth"],
+                         InstanceNumber=_INTEGER_OR_NULL, PatientID=_STRING,
+                         RescaleIntercept=_NUMBER_OR_NULL, RescaleSlope=_NUMBER_OR_NULL,
+                         SeriesDescription=_STRING_OR_NULL, StudyDescription=_STRING_OR_NULL,
+                         WindowCenter=_NUMBER_OR_NULL, WindowWidth=_NUMBER_OR_NULL),
+    "Score": _object(["SOPInstanceUID", "AnomalyScore", "Flagged"], SOPInstanceUID=_STRING,
+                     OrthancID=_STRING, AnomalyScore={"type": "number", "minimum": 0, "maximum": 1},
+                     Flagged={"type": "boolean"}, ModelVersion=_STRING, Threshold={"type": "number"},
+                     ScoredAt=_STRING_OR_NULL),
+    "Summary": _object(["OrthancID", "images", "rendered", "scored", "flagged", "max_score"],
+                       OrthancID=_STRING, images={"type": "integer"}, rendered={"type": "integer"},
+                       scored={"type": "integer"}, flagged={"type": "integer"},
+                       max_score=_NUMBER_OR_NULL),
+    "Model": _object(["Loaded"], Loaded={"type": "boolean"}, Error=_STRING_OR_NULL,
+                     Version=_STRING, InputSize={"type": "integer"}, Threshold={"type": "number"},
+                     Preprocessing=_STRING, Sha256=_STRING, Path=_STRING, LoadedAt=_STRING),
+    "Progress": _object(["State"], State={"enum": ["idle", "running", "done", "failed"]},
+                        Total={"type": "integer"}, Done={"type": "integer"},
+                        Flagged={"type": "integer"}, Failed={"type": "integer"}),
+    "Ingest": _object(["worker", "statuses"], worker=_object(
+        ["queued", "processed", "failed", "dropped", "idle"], queued={"type": "integer"},
+        processed={"type": "integer"}, failed={"type": "integer"}, dropped={"type": "integer"},
+        idle={"type": "boolean"}), statuses={"type": "object"}),
+    "Welcome": _object(["name", "version", "counts"], name=_STRING, version=_STRING,
+                       message=_STRING, counts={"$ref": "#/components/schemas/Counts"},
+                       model={"$ref": "#/components/schemas/Model"}, orthanc={"type": "object"}),
+}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _page(item: str) -> dict:
+    return _object(["items", "total", "limit", "offset"], items={"type": "array", "items": _ref(item)},
+                   total={"type": "integer", "minimum": 0}, limit={"type": "integer"},
+                   offset={"type": "integer"}, model=_ref("Model"))
+
+
+PAGING = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+          {"name": "offset", "in": "query",
+           "schema": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000}}]
+# Orthanc turns "\" into "/" and drops "." and ".." segments before any plugin sees the path,
+# so identifiers holding them cannot be asked for by path.
+_IDENTIFIER = {"type": "string", "pattern": r"^(?!\.{1,2}$)[^/\\]+$"}
+_FILE_NAME = {"type": "string", "pattern": r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}(\.png)?$"}
+
+
+def _uid(name: str = "uid", schema: dict = _IDENTIFIER) -> dict:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def _operation(summary: str, schema: dict | None, *, parameters=(), content="application/json",
+               errors=(404,), method="get", body=False) -> dict:
+    ok = {"description": "OK", "content": {content: {"schema": schema} if schema else {}}}
+    responses = {"200": ok, **{str(code): {"description": "error", "content": {
+        "application/json": {"schema": _ref("Error")}}} for code in (400, *errors)}}
+    operation = {"summary": summary, "parameters": list(parameters), "responses": responses}
+    if body:
+        operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"Path": _STRING_OR_NULL}}}}}
+    return {method: operation}
+
+
+def document() -> dict:
+    paths = {
+        "/minipacs/": _operation("Welcome, version, counts, model", _ref("Welcome"), errors=()),
+        "/minipacs/counts": _operation("Patients, studies, series, images", _ref("Counts"), errors=()),
+        "/minipacs/ingest": _operation("The ingest worker and images per status", _ref("Ingest"), errors=()),
+        "/minipacs/ui": _operation("The flagged-images page", None, content="text/html", errors=()),
+        "/minipacs/openapi.json": _operation("This description", {"type": "object"}, errors=()),
+        "/minipacs/anomalies": _operation(
+            "Flagged images, most anomalous first", _page("Image"), errors=(),
+            parameters=PAGING + [{"name": k, "in": "query", "schema": _STRING}
+                                 for k in ("patient", "study", "series", "modality")]
+            + [{"name": "min_score", "in": "query",
+                "schema": {"type": "number", "minimum": 0, "maximum": 1}}]),
+        "/minipacs/model": _operation("The model in use", _ref("Model"), errors=()),
+        "/minipacs/model/reload": _operation("Load the model file again, or another", _ref("Model"),
+                                             method="post", body=True),
+        "/minipacs/rescore": {**_operation("Rescoring progress", _ref("Progress")),
+                              **_operation("Rescore every rendered image", _ref("Progress"),
+                                           method="post", errors=(404, 409))},
+        "/minipacs/imageinfo/{name}": _operation("What a PNG shows and how it was made",
+                                                 _ref("ImageInfo"), parameters=[_uid("name", _FILE_NAME)]),
+        "/minipacs/images/{uid}/png": _operation("The rendered PNG", None, content="image/png",
+                                                 parameters=[_uid()]),
+        "/minipacs/images/{uid}/score": _operation("The image's score", _ref("Score"), parameters=[_uid()]),
+        "/minipacs/studies/{uid}/summary": _operation("Images, flagged, max score", _ref("Summary"),
+                                                      parameters=[_uid()]),
+        "/minipacs/series/{uid}/summary": _operation("Images, flagged, max score", _ref("Summary"),
+                                                     parameters=[_uid()]),
+    }
+    for what in ("studycount", "seriescount", "imagecount", "counts"):
+        paths[f"/minipacs/patients/{{uid}}/{what}"] = _operation(
+            f"The patient's {what}", _ref("PatientCounts"), parameters=[_uid()])
+    levels = (("patients", "Patient", "studies", "Study"), ("studies", "Study", "series", "Series"),
+              ("series", "Series", "images", "Image"), ("images", "Image", None, None))
+    for name, item, child, child_item in levels:
+        extra = [{"name": "status", "in": "query", "schema": {
+            "enum": ["rendered", "no_pixel_data", "render_failed", "unreadable"]}}] if name == "images" else []
+        paths[f"/minipacs/{name}"] = _operation(f"A page of {name}", _page(item),
+                                                parameters=PAGING + extra, errors=())
+        paths[f"/minipacs/{name}/count"] = _operation(f"How many {name}", _ref("Count"), errors=())
+        paths[f"/minipacs/{name}/{{uid}}"] = _operation(f"One of the {name}", _ref(item), parameters=[_uid()])
+        if child:
+            paths[f"/minipacs/{name}/{{uid}}/{child}"] = _operation(
+                f"A page of its {child}", _page(child_item), parameters=[_uid()] + PAGING)
+    return {"openapi": "3.1.0",
+            "info": {"title": "minipacs", "version": __version__,
+                     "description": "Rendered, indexed and scored DICOM, inside Orthanc."},
+            "paths": paths, "components": {"schemas": SCHEMAS}}

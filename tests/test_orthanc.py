@@ -201,7 +201,15 @@ def test_routes_obey_orthanc_authentication(tmp_path):
     server = OrthancServer(tmp_path, AuthenticationEnabled=True,
                            RegisteredUsers={"qa": "secret"}).start()
     try:
-        assert server.get("/minipacs/counts").status_code == 401
+        from minipacs.openapi import document
+
+        for path, operations in document()["paths"].items():
+            concrete = path.replace("{uid}", "x").replace("{name}", "x")
+            for method in operations:
+                answer = server.session.request(method, server.url + concrete, timeout=10)
+                assert answer.status_code == 401, (method, path)
+        for path in ("/ohif/", "/ohif/viewer", "/minipacs/ui"):
+            assert server.get(path).status_code == 401, path
         assert server.get("/minipacs/counts", auth=("qa", "wrong")).status_code == 401
         answer = server.get("/minipacs/counts", auth=("qa", "secret"))
         assert answer.status_code == 200 and answer.json()["images"] == 0

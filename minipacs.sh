@@ -123,6 +123,7 @@ case "${1:-}" in
     "$VENV/bin/python" bench/render.py --json bench/results/render.json
     "$VENV/bin/python" bench/png_options.py
     "$VENV/bin/python" bench/scoring.py --json bench/results/scoring.json
+    "$VENV/bin/python" bench/memory.py --calls 20000 --ingests 1000 --json bench/results/memory.json
     ;;
   *) sed -n '2,8p' "$0" >&2; exit 2 ;;
 esac

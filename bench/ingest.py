@@ -1,0 +1,98 @@
+"""Ingest benchmark: the same synthetic 512×512 CT instances uploaded by parallel REST clients to
+(a) bare Orthanc and (b) Orthanc with minipacs, in one run on one machine.
+
+    .venv/bin/python bench/ingest.py [--instances 1000] [--clients 4] [--json PATH]
+
+Reports the upload throughput ratio b/a (does storing wait for minipacs?) and the end-to-end
+rate of b, until every instance is rendered, scored and indexed, over a's upload rate.
+Targets: upload ratio ≥ 0.9, end-to-end ratio ≥ 0.6.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
+
+from minipacs import synth  # noqa: E402
+from orthanc_server import PLUGINS, OrthancServer  # noqa: E402
+
+
+def ct_slices(count: int) -> list[bytes]:
+    files, first = [], 0
+    while len(files) < count:
+        files += [synth.encode(ds) for ds in synth.generate(1, seed=8, size=512, slices=40, first=first)
+                  if ds.Modality == "CT" and not synth.anomaly_of(ds)]
+        first += 1
+    return files[:count]
+
+
+def upload_all(url: str, files: list[bytes], clients: int) -> float:
+    """Seconds to POST every file with ``clients`` parallel connections."""
+    sessions = [requests.Session() for _ in range(clients)]
+
+    def send(i: int) -> None:
+        answer = sessions[i % clients].post(url + "/instances", data=files[i], timeout=120)
+        answer.raise_for_status()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(send, range(len(files))))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    files = ct_slices(args.instances)
+    with tempfile.TemporaryDirectory() as work:
+        bare = OrthancServer(Path(work) / "bare", Plugins=[str(PLUGINS / "libOrthancDicomWeb.so")])
+        bare.config.pop("PythonScript")
+        bare.start()
+        try:
+            bare_s = upload_all(bare.url, files, args.clients)
+        finally:
+            bare.stop()
+        plugin = OrthancServer(Path(work) / "plugin").start()
+        try:
+            model = plugin.json("/minipacs/model")
+            start = time.perf_counter()
+            plugin_s = upload_all(plugin.url, files, args.clients)
+            plugin.wait_for_ingest(timeout=3600)
+            end_to_end_s = time.perf_counter() - start
+            assert plugin.json("/minipacs/counts")["images"] == len(files)
+        finally:
+            plugin.stop()
+    n = len(files)
+    results = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, 2 cores",
+        "instances": n, "clients": args.clients, "model": model.get("Version"),
+        "bare_upload_per_s": n / bare_s, "plugin_upload_per_s": n / plugin_s,
+        "plugin_end_to_end_per_s": n / end_to_end_s,
+        "upload_ratio": bare_s / plugin_s, "end_to_end_ratio": bare_s / end_to_end_s,
+    }
+    print(f"ingest benchmark: {n} CT 512×512 instances, {args.clients} REST clients, "
+          f"model {results['model']}")
+    print(f"  bare Orthanc upload     {results['bare_upload_per_s']:7.1f} /s")
+    print(f"  with minipacs upload    {results['plugin_upload_per_s']:7.1f} /s   "
+          f"ratio {results['upload_ratio']:.2f} (target >= 0.9)")
+    print(f"  with minipacs end to end{results['plugin_end_to_end_per_s']:7.1f} /s   "
+          f"ratio {results['end_to_end_ratio']:.2f} (target >= 0.6)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

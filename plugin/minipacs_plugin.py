@@ -10,6 +10,7 @@ minipacs cannot start (a bad configuration, an unreadable index), Orthanc still 
 import functools
 import json
 import logging
+import sys
 import threading
 import warnings
 
@@ -205,6 +206,9 @@ def register_failure(error: Exception) -> None:
         orthanc.RegisterRestCallback(uri, lambda output, uri, **request: answer(output, failed))
 
 
+# Orthanc's store thread needs the GIL to queue an instance: let the worker's Python code hand
+# it over sooner than the default 5 ms.
+sys.setswitchinterval(0.0005)
 try:
     MiniPacs(json.loads(orthanc.GetConfiguration())).register()
 except Exception as error:  # never take Orthanc down: it keeps storing, we catch up later

@@ -5,6 +5,7 @@ so the callback only queues the instance ID; a :class:`Worker` thread fetches th
 :func:`ingest`. Every outcome is recorded as a status: the worker never raises into Orthanc.
 """
 
+import contextlib
 import io
 import logging
 import os
@@ -26,6 +27,7 @@ from .render import Decoder, NoPixelData, RenderError, encode_png, render
 from .scoring import ModelSlot, Score, score_columns
 
 log = logging.getLogger("minipacs")
+WORKER_NICENESS = 10
 
 #: Tags of an instance as Orthanc's ``/instances/{id}/simplified-tags`` gives them.
 Tags = Mapping[str, Any]
@@ -266,6 +268,10 @@ class Worker:
             self._counts[key] += 1
 
     def _run(self) -> None:
+        # Orthanc's own threads (storing, answering) come first: the worker takes the CPU they
+        # leave (Linux gives each thread its own nice value).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
         while not self._stop.is_set():
             instance_id = self._queue.get()
             try:

@@ -1,0 +1,62 @@
+"""The flagged-images page, end to end in headless Chromium: the demo anomalies go in, the
+shipped model flags them, /minipacs/ui lists them, and its link opens the study in OHIF."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from browser import ARTIFACTS, chromium_page, wait_for_viewport_image
+from minipacs import demo, synth
+from minipacs.config import DEFAULT_MODEL, DEFAULT_OHIF
+from orthanc_server import OrthancServer
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    assert DEFAULT_MODEL.is_file() and (DEFAULT_OHIF / "index.html").is_file()
+    server = OrthancServer(tmp_path_factory.mktemp("ui")).start()  # the shipped model
+    try:
+        server.anomalies = {}
+        for ds in synth.generate(demo.PATIENTS, demo.SEED, slices=demo.SLICES, anomalies=demo.ANOMALIES):
+            assert server.upload(synth.encode(ds)).status_code == 200
+            if synth.anomaly_of(ds):
+                server.anomalies[ds.SOPInstanceUID] = synth.anomaly_of(ds)
+        server.wait_for_ingest()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_shipped_model_flags_the_demo_anomalies(demo_server):
+    flagged = {i["SOPInstanceUID"]: i for i in demo_server.json("/minipacs/anomalies?limit=1000")["items"]}
+    assert len(demo_server.anomalies) >= 3
+    missed = {uid: kind for uid, kind in demo_server.anomalies.items() if uid not in flagged}
+    assert not missed, f"anomalies not flagged: {missed}"
+    images = demo_server.json("/minipacs/images?limit=1000")["total"]
+    assert len(flagged) <= len(demo_server.anomalies) + 0.02 * images, "too many false alarms"
+
+
+def test_ui_lists_the_flagged_images_and_opens_them_in_ohif(demo_server):
+    out = ARTIFACTS / "ui"
+    out.mkdir(parents=True, exist_ok=True)
+    expected = demo_server.json("/minipacs/anomalies?limit=200")["items"]
+    with chromium_page() as page:
+        page.goto(f"{demo_server.url}/minipacs/ui")
+        page.wait_for_selector("tr.anomaly img.thumb")
+        page.wait_for_function("""() => [...document.querySelectorAll('img.thumb')]
+                                  .every(img => img.complete && img.naturalWidth > 0)""")
+        page.screenshot(path=str(out / "ui.png"), full_page=True)
+        rows = page.locator("tr.anomaly")
+        assert rows.count() == len(expected)
+        shown = [float(s) for s in page.locator("tr.anomaly td.score").all_inner_texts()]
+        assert shown == [round(i["AnomalyScore"], 3) for i in expected]
+        counts = page.locator("#counts").inner_text()
+        assert f"{demo_server.json('/minipacs/counts')['images']} images" in counts
+        first = expected[0]
+        page.locator("a.ohif").first.click()
+        page.wait_for_url(f"**/ohif/viewer?StudyInstanceUIDs={first['StudyInstanceUID']}*")
+        canvas = wait_for_viewport_image(page)
+        page.screenshot(path=str(out / "ohif.png"))
+        canvas.screenshot(path=str(out / "viewport.png"))
+    pixels = np.asarray(Image.open(out / "viewport.png").convert("L"), dtype=np.float64)
+    assert pixels.std() > 10 and len(np.unique(pixels)) > 32

@@ -1,0 +1,5 @@
+"""Offline training of minipacs's anomaly model: dataset → Keras CNN → evaluation → ONNX.
+
+Runs in its own venv (.venv-training: TensorFlow needs numpy < 2) with ``PYTHONPATH=plugin`` so
+that images are rendered and preprocessed by the plugin's own modules, never a copy of them.
+"""

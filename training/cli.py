@@ -1,0 +1,235 @@
+"""``python -m training``: one subcommand per step, and ``all`` for the whole chain.
+
+    dataset      build the PNG dataset + manifest from DICOM, the plugin's store, or synthetic studies
+    train        train the Keras model on a dataset; saves RUN/model.keras and RUN/history.json
+    evaluate     reload RUN/model.keras, evaluate on the test split, write RUN/report/
+    export       ONNX with metadata; checks ONNX Runtime against Keras on the test split
+    check-dicom  share of real DICOM images (CT/MR/CR/DX) an ONNX model classifies valid
+    all          dataset → train → evaluate → export (→ check-dicom with --pydicom-corpus)
+
+Each command logs to <its output folder>/logs/<command>-<time>.log as well as to the terminal.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from datetime import date, datetime
+from pathlib import Path
+
+from minipacs import preprocess
+
+log = logging.getLogger("training")
+
+
+def add_dataset_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dataset")
+    source = g.add_mutually_exclusive_group()
+    source.add_argument("--dicom", type=Path, help="folder tree of DICOM files (the valid class)")
+    source.add_argument("--index", type=Path, help="the plugin's SQLite index (with --png-dir)")
+    source.add_argument("--synth-patients", type=int, help="generate this many synthetic patients")
+    g.add_argument("--png-dir", type=Path, help="the plugin's PNG store, for --index")
+    g.add_argument("--synth-size", type=int, nargs="+", default=[128, 256, 512],
+                   help="synthetic CT matrices, patient by patient in turn (MR half, radiographs double)")
+    g.add_argument("--synth-slices", type=int, default=12)
+    g.add_argument("--synth-seed", type=int, default=0)
+    g.add_argument("--custom-invalid", type=Path, help="folder of your own invalid pictures")
+    g.add_argument("--test-valid", type=Path, help="folder of valid images (pictures or DICOM) used only for testing")
+    g.add_argument("--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VALIDATE", "TEST"))
+    g.add_argument("--split-by", choices=("patient", "study"), default="patient")
+    g.add_argument("--augmentations", type=int, default=3, help="augmented copies per valid image")
+    g.add_argument("--derived-share", type=float, default=0.5,
+                   help="share of the invalid class made from valid images (message boxes, broken renders)")
+    g.add_argument("--max-valid", type=int, help="cap on original valid images")
+    g.add_argument("--max-invalid", type=int, help="cap on invalid images")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--window-shift", type=float, default=0.3, help="random window: centre shift / width")
+    g.add_argument("--window-scale", type=float, nargs=2, default=(0.5, 2.0), help="random window: width factor")
+    g.add_argument("--blur-sigma", type=float, nargs=2, default=(0.4, 2.0))
+    g.add_argument("--zoom", type=float, nargs=2, default=(0.6, 3.0))
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--architecture", choices=("minipacs", "predecessor"), default="minipacs")
+    g.add_argument("--size", type=int, default=preprocess.DEFAULT_SIZE, help="model input size")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--patience", type=int, default=4, help="early stopping on validation loss")
+    g.add_argument("--learning-rate", type=float, default=1e-3)
+
+
+def add_export_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation and export")
+    g.add_argument("--threshold", type=float, default=0.5, help="flag an image when P(valid) < threshold")
+    g.add_argument("--version", default=f"minipacs-anomaly-{date.today():%Y.%m.%d}")
+    g.add_argument("--onnx", type=Path, help="where to write the ONNX model (default RUN/minipacs-anomaly.onnx)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  epilog="\n".join(__doc__.splitlines()[2:]))
+    sub = top.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("dataset", help="build the dataset")
+    p.add_argument("--out", type=Path, required=True)
+    add_dataset_options(p)
+    for name, options in (("train", (add_train_options,)), ("evaluate", (add_export_options,)),
+                          ("export", (add_export_options,))):
+        p = sub.add_parser(name, help=f"{name} (see above)")
+        p.add_argument("--data", type=Path, required=True, help="a folder made by `dataset`")
+        p.add_argument("--run", type=Path, required=True, help="the training run's folder")
+        for add in options:
+            add(p)
+        if name == "train":
+            p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("check-dicom", help="share of real DICOM classified valid")
+    p.add_argument("--onnx", type=Path, required=True)
+    p.add_argument("--pydicom-corpus", action="store_true", help="pydicom's and pydicom-data's files")
+    p.add_argument("--json", type=Path, help="write the per-file results here")
+    p.add_argument("files", type=Path, nargs="*", help="DICOM files or folders")
+    p = sub.add_parser("all", help="dataset, train, evaluate, export")
+    p.add_argument("--run", type=Path, required=True, help="output folder (dataset in RUN/dataset)")
+    p.add_argument("--pydicom-corpus", action="store_true", help="then check-dicom on pydicom's files")
+    for add in (add_dataset_options, add_train_options, add_export_options):
+        add(p)
+    return top
+
+
+def start_log(folder: Path, command: str) -> Path:
+    """Log to the terminal and to a file of its own for this run."""
+    path = folder / "logs" / f"{command}-{datetime.now():%Y%m%d-%H%M%S}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        handlers=[logging.StreamHandler(sys.stderr), logging.FileHandler(path)], force=True)
+    # pydicom warns about every oddity of real-world files; the renderer decides what is usable.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
+    log.info("python -m training %s", " ".join(sys.argv[1:]))
+    return path
+
+
+def run_dataset(args, out: Path) -> None:
+    from training import sources
+    from training.augment import AugmentConfig
+    from training.dataset import DatasetConfig, build
+
+    if args.index:
+        if not args.png_dir:
+            raise SystemExit("--index needs --png-dir")
+        candidates, load = sources.index_candidates(args.index, args.png_dir), sources.load_picture
+    else:
+        folder = args.dicom
+        if folder is None:
+            folder = sources.write_synthetic(out / "synthetic-dicom", args.synth_patients or 20,
+                                             args.synth_seed, args.synth_size, args.synth_slices)
+        log.info("listing DICOM files under %s", folder)
+        candidates, load = sources.dicom_candidates(folder), sources.load_dicom
+    log.info("%d candidate images of %d patients", len(candidates), len({c.patient for c in candidates}))
+    cfg = DatasetConfig(ratios=tuple(args.ratios), split_by=args.split_by, augmentations=args.augmentations,
+                        derived_share=args.derived_share, max_valid=args.max_valid, max_invalid=args.max_invalid,
+                        seed=args.seed, augment=AugmentConfig(args.window_shift, tuple(args.window_scale),
+                                                              tuple(args.blur_sigma), tuple(args.zoom)))
+    counts = build(out, candidates, load, cfg, args.custom_invalid, args.test_valid)
+    log.info("dataset in %s: %s", out, counts)
+
+
+def run_train(args, data: Path, run: Path) -> None:
+    import keras
+
+    from training.dataset import load_split
+    from training.model import ARCHITECTURES, train
+
+    keras.utils.set_random_seed(args.seed)
+    train_data = load_split(data, "train", args.size)[:2]
+    validate_data = load_split(data, "validate", args.size)[:2]
+    model = ARCHITECTURES[args.architecture](args.size)
+    model.summary(print_fn=log.info)
+    started = time.perf_counter()
+    history = train(model, train_data, validate_data, args.epochs, args.batch_size, args.patience, args.learning_rate)
+    seconds = time.perf_counter() - started
+    run.mkdir(parents=True, exist_ok=True)
+    model.save(run / "model.keras")
+    (run / "history.json").write_text(json.dumps({"history": history, "seconds": seconds,
+                                                  "epochs_run": len(history["loss"]),
+                                                  "options": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    log.info("trained %d epochs in %.0f s; model in %s", len(history["loss"]), seconds, run / "model.keras")
+
+
+def run_evaluate(args, data: Path, run: Path) -> dict:
+    import keras
+
+    from training.dataset import load_split
+    from training.evaluate import write_report
+
+    model = keras.models.load_model(run / "model.keras")  # the reloaded model is what we evaluate
+    x, y, rows = load_split(data, "test", int(model.input_shape[1]))
+    p = model.predict(x, batch_size=128, verbose=0)[:, 0]
+    history_file = run / "history.json"
+    history = json.loads(history_file.read_text())["history"] if history_file.exists() else None
+    report = write_report(run / "report", data, rows, y, p, args.threshold, history,
+                          {"model": str(run / "model.keras"), "dataset": str(data)})
+    log.info("test split: %s", {k: v for k, v in report["test"].items()})
+    return report
+
+
+def run_export(args, data: Path, run: Path) -> None:
+    import keras
+
+    from training.dataset import load_split
+    from training.export import latency_ms, max_difference, to_onnx
+
+    model = keras.models.load_model(run / "model.keras")
+    path = args.onnx or run / "minipacs-anomaly.onnx"
+    to_onnx(model, path, args.threshold, args.version)
+    x, _, _ = load_split(data, "test", int(model.input_shape[1]))
+    diff = max_difference(model, path, x)
+    check = {"onnx": str(path), "bytes": path.stat().st_size, "images": len(x),
+             "max_abs_diff": diff, "agree": diff <= 1e-5,
+             "latency_ms_batch_of_one": latency_ms(path, int(model.input_shape[1]))}
+    (run / "report").mkdir(parents=True, exist_ok=True)
+    (run / "report" / "onnx_check.json").write_text(json.dumps(check, indent=2))
+    log.info("ONNX %s (%d bytes): max |Keras - ONNX Runtime| = %.2e on %d test images; %.2f ms per image",
+             path, check["bytes"], diff, len(x), check["latency_ms_batch_of_one"])
+    if not check["agree"]:
+        raise SystemExit(f"ONNX Runtime and Keras disagree by {diff:.2e} (> 1e-5)")
+
+
+def run_check_dicom(onnx_path: Path, files: list[Path], pydicom_corpus: bool, out: Path | None) -> dict:
+    from training.realdicom import pydicom_corpus as corpus, score
+
+    paths = [f for p in files for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()))]
+    result = score(onnx_path, paths + (corpus() if pydicom_corpus else []))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    log.info("real DICOM: %s of %d images classified valid", result["share_valid"], result["images"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "dataset":
+        start_log(args.out, "dataset")
+        run_dataset(args, args.out)
+    elif args.command in ("train", "evaluate", "export"):
+        start_log(args.run, args.command)
+        {"train": run_train, "evaluate": run_evaluate, "export": run_export}[args.command](args, args.data, args.run)
+    elif args.command == "check-dicom":
+        start_log(args.onnx.parent, "check-dicom")
+        run_check_dicom(args.onnx, args.files, args.pydicom_corpus, args.json)
+    else:
+        start_log(args.run, "all")
+        started = time.perf_counter()
+        data = args.run / "dataset"
+        run_dataset(args, data)
+        run_train(args, data, args.run)
+        run_evaluate(args, data, args.run)
+        run_export(args, data, args.run)
+        if args.pydicom_corpus:
+            run_check_dicom(args.onnx or args.run / "minipacs-anomaly.onnx", [], True,
+                            args.run / "report" / "real_dicom.json")
+        log.info("all done in %.0f s", time.perf_counter() - started)
+    return 0

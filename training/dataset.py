@@ -1,0 +1,177 @@
+"""The dataset builder: valid images, their augmentations and the invalid class, split by
+patient (or study), written as PNG folders with one manifest.
+
+Layout under the output folder (as the predecessor's tree, one subfolder per kind)::
+
+    valid/original, valid/window, valid/blur, valid/flip_rotate, valid/zoom
+    invalid/pictures, invalid/textures, invalid/charts, invalid/screens,
+    invalid/message_box, invalid/broken, invalid/custom, invalid/archive_anomaly
+    test_valid/custom                      (only ever in the test split)
+    manifest.csv                           one row per file: label, split, patient, parameters
+
+The PNGs hold 8-bit display pixels; training applies ``preprocess.model_input`` when it loads
+them, exactly as the plugin does on its renders. The classes are balanced per split: derived
+invalid images (message boxes, broken renders) come from the split's own valid images, and
+generated ones fill up to the split's valid count (capped by ``max_invalid``).
+"""
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from minipacs import preprocess, render
+from training import invalid
+from training.augment import AUGMENTATIONS, AugmentConfig
+from training.sources import Candidate, Valid, load_any, picture_pixels
+
+SPLITS = ("train", "validate", "test")
+MANIFEST = "manifest.csv"
+COLUMNS = ("file", "label", "class", "kind", "split", "patient", "study", "source", "params")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split_by: str = "patient"  # or "study"
+    augmentations: int = 2  # augmented copies per valid image, cycling through AUGMENTATIONS
+    derived_share: float = 0.5  # share of the invalid class made from valid images
+    max_valid: int | None = None  # cap on original valid images (spread over the source)
+    max_invalid: int | None = None
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def assign_splits(groups: list[str], ratios, rng) -> dict[str, str]:
+    """Shuffle the groups and cut them by ``ratios``; with 3+ groups every split gets one."""
+    groups = sorted(set(groups))
+    rng.shuffle(groups)
+    n = len(groups)
+    n_val = max(1, round(n * ratios[1])) if n >= 3 else 0
+    n_test = max(1, round(n * ratios[2])) if n >= 3 else 0
+    cut = n - n_val - n_test
+    return {g: "train" if i < cut else "validate" if i < cut + n_val else "test" for i, g in enumerate(groups)}
+
+
+class Writer:
+    """Writes PNGs into their subfolder and their rows into the manifest, counting per split."""
+
+    def __init__(self, out: Path):
+        self.out, self.count = out, 0
+        self.labels = {(s, label): 0 for s in SPLITS for label in (0, 1)}
+        self.file = open(out / MANIFEST, "w", newline="")
+        self.csv = csv.DictWriter(self.file, COLUMNS)
+        self.csv.writeheader()
+
+    def __call__(self, pixels: np.ndarray, label: int, klass: str, kind: str, split: str,
+                 patient: str = "", study: str = "", source: str = "", params: dict | None = None):
+        relative = Path(klass) / kind / f"{self.count:07d}.png"
+        (self.out / relative).parent.mkdir(parents=True, exist_ok=True)
+        (self.out / relative).write_bytes(render.encode_png(np.ascontiguousarray(pixels, np.uint8)))
+        self.csv.writerow(dict(file=str(relative), label=label, **{"class": klass}, kind=kind, split=split,
+                               patient=patient, study=study, source=source, params=json.dumps(params or {})))
+        self.count += 1
+        if klass != "test_valid":
+            self.labels[split, label] += 1
+
+    def close(self):
+        self.file.close()
+
+
+def build(out: Path, candidates: list[Candidate], load: Callable[[str], Valid | None], cfg: DatasetConfig,
+          custom_invalid: Path | None = None, test_valid: Path | None = None) -> dict:
+    """Build the dataset in ``out``; returns the counts per split and class."""
+    rng = np.random.default_rng(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.max_valid and len(candidates) > cfg.max_valid:
+        keep = np.linspace(0, len(candidates) - 1, cfg.max_valid).round().astype(int)
+        candidates = [candidates[i] for i in keep]
+    group = (lambda c: c.patient) if cfg.split_by == "patient" else (lambda c: c.study)
+    split_of = assign_splits([group(c) for c in candidates], cfg.ratios, rng)
+    write = Writer(out)
+    try:
+        valid_images(write, candidates, load, split_of, group, cfg, rng)
+        if custom_invalid:
+            for path in tqdm(pictures_in(custom_invalid), desc="custom invalid", unit="img"):
+                write(picture_pixels(path), 0, "invalid", "custom", str(rng.choice(SPLITS, p=cfg.ratios)),
+                      source=str(path))
+        generated_invalid(write, cfg, rng)
+        if test_valid:
+            for path in tqdm(sorted(p for p in test_valid.rglob("*") if p.is_file()), desc="test valid", unit="img"):
+                image = load_any(str(path))
+                if image is not None:
+                    write(image.pixels, 1, "test_valid", "custom", "test", source=str(path))
+    finally:
+        write.close()
+    return {f"{split}/{'valid' if label else 'invalid'}": n for (split, label), n in write.labels.items()}
+
+
+def valid_images(write: Writer, candidates, load, split_of, group, cfg: DatasetConfig, rng) -> None:
+    """Originals, their augmentations, and the invalid images derived from them."""
+    kinds, derived = list(AUGMENTATIONS), list(invalid.DERIVED)
+    owed, turn = 0.0, 0
+    for c in tqdm(candidates, desc="valid images", unit="img"):
+        image = load(c.key)
+        if image is None:
+            continue
+        where = dict(split=split_of[group(c)], patient=c.patient, study=c.study, source=c.key)
+        if image.anomaly:  # a synthetic study's deliberate anomaly
+            write(image.pixels, 0, "invalid", "archive_anomaly", params={"anomaly": image.anomaly}, **where)
+            continue
+        write(image.pixels, 1, "valid", "original", **where)
+        for _ in range(cfg.augmentations):
+            kind = kinds[turn % len(kinds)]
+            turn += 1
+            pixels, params = AUGMENTATIONS[kind](image, rng, cfg.augment)
+            write(pixels, 1, "valid", kind, params=params, **where)
+        owed += (1 + cfg.augmentations) * cfg.derived_share
+        while owed >= 1:
+            kind = derived[int(rng.integers(len(derived)))]
+            pixels, params = invalid.DERIVED[kind](image, rng)
+            write(pixels, 0, "invalid", kind, params=params, **where)
+            owed -= 1
+
+
+def generated_invalid(write: Writer, cfg: DatasetConfig, rng) -> None:
+    """Fill each split's invalid class up to its valid count (or ``max_invalid`` overall) with
+    pictures, textures, charts and screens. Packaged pictures are split by file, so no picture
+    is cropped into two splits."""
+    valid = {s: write.labels[s, 1] for s in SPLITS}
+    target = dict(valid)
+    if cfg.max_invalid and sum(valid.values()) > cfg.max_invalid:
+        target = {s: int(n * cfg.max_invalid / sum(valid.values())) for s, n in valid.items()}
+    files = invalid.package_pictures()
+    picture_split = assign_splits([p.name for p in files], cfg.ratios, rng)
+    kinds = list(invalid.GENERATED)
+    total = sum(max(0, target[s] - write.labels[s, 0]) for s in SPLITS)
+    with tqdm(total=total, desc="generated invalid", unit="img") as bar:
+        for split in SPLITS:
+            for i in range(max(0, target[split] - write.labels[split, 0])):
+                kind = kinds[i % len(kinds)]
+                if kind == "pictures":
+                    pixels, params = invalid.picture(rng, [p for p in files if picture_split[p.name] == split])
+                else:
+                    pixels, params = invalid.GENERATED[kind](rng)
+                write(pixels, 0, "invalid", kind, split, params=params)
+                bar.update()
+
+
+def pictures_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in invalid.PICTURE_SUFFIXES)
+
+
+def read_manifest(data: Path) -> list[dict]:
+    with open(data / MANIFEST, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load_split(data: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """The model input of one split: ``preprocess.batch`` of the PNGs, labels, manifest rows."""
+    rows = [r for r in read_manifest(data) if r["split"] == split]
+    images = [picture_pixels(data / r["file"]) for r in tqdm(rows, desc=f"loading {split}", unit="img")]
+    x = preprocess.batch(images, size) if images else np.zeros((0, size, size, 1), np.float32)
+    return x, np.array([int(r["label"]) for r in rows], np.float32), rows

@@ -1,0 +1,112 @@
+"""Evaluation of a trained model on the test split (positive class = valid, as the predecessor):
+counts, accuracy, precision, recall, F1, ROC AUC, per-kind accuracy, and the report folder
+(JSON, confusion matrix, training curves, contact sheet of the misclassified images)."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from PIL import Image, ImageDraw
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    """Area under the ROC curve as the Mann-Whitney statistic (ties count half)."""
+    pos, neg = p[y == 1], p[y == 0]
+    if not len(pos) or not len(neg):
+        return None
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    values = np.concatenate([pos, neg])[order]
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for v in np.unique(values):  # average ranks of ties
+        tie = np.concatenate([pos, neg]) == v
+        ranks[tie] = ranks[tie].mean()
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    predicted = p >= threshold
+    tp, fp = int(np.sum(predicted & (y == 1))), int(np.sum(predicted & (y == 0)))
+    tn, fn = int(np.sum(~predicted & (y == 0))), int(np.sum(~predicted & (y == 1)))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"threshold": threshold, "n": len(y), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+            "accuracy": (tp + tn) / len(y) if len(y) else 0.0, "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "roc_auc": roc_auc(y, p)}
+
+
+def per_kind(rows: list[dict], y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    """Accuracy per manifest class/kind: which augmentations or failures the model gets wrong."""
+    out: dict[str, dict] = {}
+    for row, label, score in zip(rows, y, p):
+        entry = out.setdefault(f"{row['class']}/{row['kind']}", {"n": 0, "correct": 0})
+        entry["n"] += 1
+        entry["correct"] += int((score >= threshold) == bool(label))
+    return {k: {**v, "accuracy": v["correct"] / v["n"]} for k, v in sorted(out.items())}
+
+
+def plot_confusion(m: dict, path: Path) -> None:
+    grid = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
+    fig, ax = plt.subplots(figsize=(4, 3.5))
+    ax.imshow(grid, cmap="Blues")
+    for (i, j), n in np.ndenumerate(grid):
+        ax.text(j, i, str(n), ha="center", va="center", color="black" if n < grid.max() / 2 else "white")
+    ax.set_xticks([0, 1], ["invalid", "valid"])
+    ax.set_yticks([0, 1], ["invalid", "valid"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"test split, threshold {m['threshold']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_history(history: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        for prefix in ("", "val_"):
+            if prefix + key in history:
+                ax.plot(range(1, len(history[prefix + key]) + 1), history[prefix + key],
+                        marker="o", label="validate" if prefix else "train")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def contact_sheet(data: Path, rows: list[dict], p: np.ndarray, path: Path, tile: int = 128, limit: int = 100) -> int:
+    """The misclassified images in a grid, each captioned with its kind and P(valid)."""
+    columns = 10
+    count = min(len(rows), limit)
+    sheet = Image.new("L", (columns * tile, max(1, -(-count // columns)) * (tile + 14)), 255)
+    draw = ImageDraw.Draw(sheet)
+    for i, (row, score) in enumerate(zip(rows[:limit], p[:limit])):
+        x, y = (i % columns) * tile, (i // columns) * (tile + 14)
+        with Image.open(data / row["file"]) as image:
+            sheet.paste(image.convert("L").resize((tile, tile)), (x, y))
+        draw.text((x + 2, y + tile), f"{row['kind'][:12]} {score:.2f}", fill=0)
+    sheet.save(path)
+    return count
+
+
+def write_report(folder: Path, data: Path, rows: list[dict], y: np.ndarray, p: np.ndarray,
+                 threshold: float, history: dict | None, extra: dict) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    m = metrics(y, p, threshold)
+    wrong = [i for i in range(len(y)) if (p[i] >= threshold) != bool(y[i])]
+    report = {"test": m, "per_kind": per_kind(rows, y, p, threshold),
+              "misclassified": [{"file": rows[i]["file"], "label": int(y[i]), "p_valid": float(p[i])} for i in wrong],
+              **extra}
+    plot_confusion(m, folder / "confusion_matrix.png")
+    if history:
+        plot_history(history, folder / "training_curves.png")
+    contact_sheet(data, [rows[i] for i in wrong], p[wrong], folder / "misclassified.png")
+    (folder / "metrics.json").write_text(json.dumps(report, indent=2))
+    return report

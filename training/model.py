@@ -1,0 +1,60 @@
+"""The Keras classifier: grey (size, size, 1) input in [0, 1] → one sigmoid, P(valid).
+
+``minipacs`` (the default) was chosen by measurement against the predecessor's network (two
+conv blocks, Flatten, Dense 64 at 152×152; ``predecessor`` here): a strided first convolution
+and three poolings bring 128×128 down to 8×8 before the dense layer, so it has 18× fewer weights
+(295k, a 1.2 MB ONNX file instead of 20 MB) and trains 4.9× faster per epoch on the 2-core
+machine (22 s against 106 s on the default dataset) with the same accuracy after one epoch
+(validation 0.88 against 0.90), while the 8×8 grid still tells *where* a box or a broken band
+is (global pooling would not).
+"""
+
+import keras
+from keras import layers
+from tqdm.keras import TqdmCallback
+
+OUTPUT = "p_valid"
+
+
+def minipacs(size: int) -> keras.Model:
+    inputs = keras.Input(shape=(size, size, 1), name="image")
+    x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(inputs)
+    x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(64, activation="relu")(x)
+    x = layers.Dropout(0.3)(x)
+    outputs = layers.Dense(1, activation="sigmoid", name=OUTPUT)(x)
+    return keras.Model(inputs, outputs, name="minipacs")
+
+
+def predecessor(size: int) -> keras.Model:
+    """The predecessor's network (it used size 152), kept to compare against."""
+    inputs = keras.Input(shape=(size, size, 1), name="image")
+    x = layers.Conv2D(32, 3, activation="relu")(inputs)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(64, 3, activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(64, activation="relu")(x)
+    outputs = layers.Dense(1, activation="sigmoid", name=OUTPUT)(x)
+    return keras.Model(inputs, outputs, name="predecessor")
+
+
+ARCHITECTURES = {"minipacs": minipacs, "predecessor": predecessor}
+
+
+def train(model: keras.Model, train_data, validate_data, epochs: int, batch_size: int,
+          patience: int, learning_rate: float) -> dict:
+    """Adam + binary cross-entropy; stops when validation loss stops improving and keeps the
+    best epoch's weights. Returns the history (per-epoch loss and accuracy)."""
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
+                  metrics=["accuracy"])
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    history = model.fit(*train_data, validation_data=validate_data, epochs=epochs, batch_size=batch_size,
+                        shuffle=True, callbacks=[stop, TqdmCallback(verbose=0)], verbose=0)
+    return {k: [float(v) for v in values] for k, values in history.history.items()}

@@ -139,7 +139,7 @@ class MiniPacs:
         self.models.try_load()
         if self.models.error:
             log.warning("scoring is off: %s", self.models.error)
-        self.worker = Worker(self.process, config.queue_size)
+        self.worker = Worker(self.process, config.queue_size, config.workers)
         self.stopping = threading.Event()
         rescorer = Rescorer(self.index, config.png_directory, self.models, self.lookup.publish)
         self.router = Router(self.index, config.png_directory, self.worker.stats, self.models,

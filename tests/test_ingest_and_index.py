@@ -261,3 +261,21 @@ def test_an_index_made_by_an_older_version_gains_the_new_columns(tmp_path, setti
     assert index.get(idx.PATIENTS, "kept")["PatientName"] is None
     run(index, settings, "CT_small.dcm")
     assert index.counts()["images"] == 1 and index.get(idx.PATIENTS, "1CT1")
+
+
+def test_several_worker_threads_share_the_queue():
+    seen, lock = [], threading.Lock()
+
+    def handle(instance_id):
+        time.sleep(0.01)
+        with lock:
+            seen.append((instance_id, threading.current_thread().name))
+
+    worker = Worker(handle, queue_size=100, threads=3)
+    worker.start()
+    for n in range(30):
+        worker.submit(str(n))
+    wait_until(lambda: worker.stats()["idle"])
+    worker.stop()
+    assert sorted(int(i) for i, _ in seen) == list(range(30))
+    assert len({name for _, name in seen}) > 1 and worker.stats()["processed"] == 30

@@ -22,6 +22,7 @@ class Config:
     png_compress_level: int
     window_index: int
     queue_size: int
+    workers: int
     reconcile_on_start: bool
     reconcile_interval: int
     model_path: Path | None
@@ -36,6 +37,7 @@ _DEFAULTS: dict[str, Any] = {
     "PngCompressLevel": 1,
     "WindowIndex": 0,
     "QueueSize": 100000,
+    "Workers": 2,
     "ReconcileOnStart": True,
     "ReconcileInterval": 60,
     "ModelPath": None,  # the shipped model; "" turns scoring off
@@ -89,6 +91,9 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
     interval = _typed(options, "ReconcileInterval", int)
     if interval < 0:
         raise ConfigError(f"{SECTION}.ReconcileInterval must be at least 0 (off), not {interval}")
+    workers = _typed(options, "Workers", int)
+    if not 1 <= workers <= 16:
+        raise ConfigError(f"{SECTION}.Workers must be within 1..16, not {workers}")
     queue_size = _typed(options, "QueueSize", int)
     if queue_size < 1:
         raise ConfigError(f"{SECTION}.QueueSize must be at least 1, not {queue_size}")
@@ -99,6 +104,7 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
         png_compress_level=level,
         window_index=window_index,
         queue_size=queue_size,
+        workers=workers,
         reconcile_on_start=_typed(options, "ReconcileOnStart", bool),
         reconcile_interval=interval,
         model_path=DEFAULT_MODEL if model is None else (base / model if model else None),

@@ -223,18 +223,22 @@ def reconcile(index: idx.Index, png_directory: Path, in_orthanc: set[str],
 
 
 class Worker:
-    """One thread that runs ``handle(instance_id)`` for each queued ID, counting outcomes."""
+    """Threads that run ``handle(instance_id)`` for each queued ID, counting outcomes.
 
-    def __init__(self, handle: Callable[[str], Any], queue_size: int):
+    Decoding, zlib and ONNX Runtime release the GIL, so two threads use two cores well."""
+
+    def __init__(self, handle: Callable[[str], Any], queue_size: int, threads: int = 1):
         self._handle = handle
         self._queue: queue.Queue[str | None] = queue.Queue(queue_size)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._counts = {"processed": 0, "failed": 0, "dropped": 0}
-        self._thread = threading.Thread(target=self._run, name="minipacs-ingest", daemon=True)
+        self._threads = [threading.Thread(target=self._run, name=f"minipacs-ingest-{n}", daemon=True)
+                         for n in range(threads)]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, instance_id: str) -> bool:
         """Queue an instance without ever blocking the caller (Orthanc's store thread)."""
@@ -248,13 +252,16 @@ class Worker:
             return False
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the instance in hand, then stop; what is still queued waits for reconciliation."""
+        """Finish the instances in hand, then stop; what is still queued waits for reconciliation."""
         self._stop.set()
-        try:
-            self._queue.put_nowait(None)  # wakes the thread if it waits on an empty queue
-        except queue.Full:
-            pass
-        self._thread.join(timeout)
+        for _ in self._threads:
+            try:
+                self._queue.put_nowait(None)  # wakes a thread waiting on an empty queue
+            except queue.Full:
+                break
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

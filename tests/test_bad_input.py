@@ -75,6 +75,10 @@ def cases():
     ds.Columns = None
     out["empty_columns"] = (ds, "render_failed", "Missing required element: .0028,0011. 'Columns'")
     ds = ct()
+    del ds.Rows
+    ds.add_new(0x00280010, "LO", "one hundred")  # Rows with a wrong VR and a non-number
+    out["wrong_vr_for_rows"] = (ds, "render_failed", "Rows")
+    ds = ct()
     ds.ContentSequence = nested(40)
     out["deep_sequences"] = (ds, "rendered", None)
     ds = ct()

@@ -462,7 +462,10 @@ def render(ds: Dataset, frame: int = 0, window_index: int = 0,
         raise RenderError(f"frame {frame} out of range: the image has {frames} frame(s)")
     samples = 1
     for keyword, default in (("Rows", 0), ("Columns", 0), ("SamplesPerPixel", 1)):
-        samples *= int(ds.get(keyword, default) or default)
+        try:
+            samples *= int(ds.get(keyword, default) or default)
+        except (TypeError, ValueError) as exc:
+            raise RenderError(f"invalid {keyword}: {ds.get(keyword)!r}") from exc
     if samples > MAX_FRAME_SAMPLES:
         raise RenderError(f"a frame of {samples} samples is more than minipacs renders "
                           f"({MAX_FRAME_SAMPLES})")

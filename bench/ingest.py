@@ -9,7 +9,6 @@ Targets: upload ratio ≥ 0.9, end-to-end ratio ≥ 0.6.
 """
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -20,8 +19,9 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "bench")]
 
+from common import write_results  # noqa: E402
 from minipacs import synth  # noqa: E402
 from orthanc_server import PLUGINS, OrthancServer  # noqa: E402
 
@@ -89,9 +89,7 @@ def main() -> None:
           f"ratio {results['upload_ratio']:.2f} (target >= 0.9)")
     print(f"  with minipacs end to end{results['plugin_end_to_end_per_s']:7.1f} /s   "
           f"ratio {results['end_to_end_ratio']:.2f} (target >= 0.6)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

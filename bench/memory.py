@@ -5,7 +5,6 @@ and many ingests. A leak shows as RSS growing with the number of calls.
 """
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -13,8 +12,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "bench")]
 
+from common import write_results  # noqa: E402
 from minipacs import synth  # noqa: E402
 from orthanc_server import OrthancServer  # noqa: E402
 
@@ -69,9 +69,7 @@ def main() -> None:
         results[f"{phase}_mb_per_10k_after_warmup"] = per_10k
         print(f"{phase}: RSS {points[0][1]:.0f} MB at start, {first:.0f} MB after {first_n}, "
               f"{last:.0f} MB after {last_n}: {per_10k:+.1f} MB per 10,000 after warm-up")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

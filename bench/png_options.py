@@ -8,12 +8,11 @@ the default or the run-length strategy; zlib of the raw bytes is the reference.
 
 import io
 import sys
-import time
 import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
@@ -21,7 +20,7 @@ from PIL import Image  # noqa: E402
 
 from corpus import find  # noqa: E402
 from minipacs.render import encode_png, render  # noqa: E402
-from render import per_call_ms  # noqa: E402  (bench/render.py)
+from common import per_call_ms  # noqa: E402
 
 
 def up_filtered(pixels: np.ndarray) -> bytes:

@@ -10,7 +10,6 @@ parsed dataset; the time from the file's bytes, parsing included, is reported be
 
 import argparse
 import io
-import json
 import platform
 import subprocess
 import sys
@@ -20,24 +19,13 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import pydicom  # noqa: E402
 
+from common import per_call_ms, write_results  # noqa: E402
 from corpus import find  # noqa: E402
 from minipacs.render import encode_png, render  # noqa: E402
-
-
-def per_call_ms(function, runs: int) -> float:
-    """Best of 5 batches of ``runs`` calls: the least disturbed by the machine's other work."""
-    function()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(runs):
-            function()
-        best = min(best, (time.perf_counter() - start) / runs)
-    return best * 1000
 
 
 def main() -> None:
@@ -88,9 +76,7 @@ def main() -> None:
     print(f"  {'dcm2pnm (with process start)':28s} {dcmtk:8.3f} ms   ours from bytes: "
           f"{from_bytes / dcmtk:.2f}x its time")
     print(f"  PNG {results['png_bytes']} bytes, zlib alone {results['zlib_bytes']} bytes")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

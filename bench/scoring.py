@@ -7,7 +7,6 @@ the plugin pays for it too. Target: ≤ 3 ms per image, batch of one.
 """
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -20,7 +19,7 @@ from minipacs import synth  # noqa: E402
 from minipacs.config import DEFAULT_MODEL  # noqa: E402
 from minipacs.render import render  # noqa: E402
 from minipacs.scoring import Scorer  # noqa: E402
-from render import per_call_ms  # noqa: E402  (bench/render.py)
+from common import per_call_ms, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -42,9 +41,7 @@ def main() -> None:
     print(f"scoring benchmark: model {scorer.info.version} ({scorer.info.input_size}px input)")
     print(f"  batch of 1:  {one:7.3f} ms per image (target <= 3 ms)")
     print(f"  batch of 32: {batch / 32:7.3f} ms per image, {results['images_per_s_batch_of_32']:.0f} images/s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

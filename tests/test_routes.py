@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from corpus import find
 from minipacs import index as idx
 from minipacs.ingest import Settings
 from minipacs.routes import Router

@@ -1,0 +1,24 @@
+"""What every benchmark here shares: timing and writing the results."""
+
+import json
+import time
+from pathlib import Path
+
+
+def per_call_ms(function, runs: int) -> float:
+    """Best of 5 batches of ``runs`` calls: the least disturbed by the machine's other work."""
+    function()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(runs):
+            function()
+        best = min(best, (time.perf_counter() - start) / runs)
+    return best * 1000
+
+
+def write_results(path: Path | None, results: dict) -> None:
+    """Write the results as JSON, if a path was given (the README quotes these files)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")

@@ -19,7 +19,7 @@ import orthanc
 from minipacs import __version__
 from minipacs.config import from_orthanc
 from minipacs.index import Index
-from minipacs.ingest import Settings, Worker, ingest, reconcile, remove
+from minipacs.ingest import Settings, Worker, ingest_many, reconcile, remove
 from minipacs.orthanc_ids import OrthancIds
 from minipacs.render import image_array
 from minipacs.rescore import Rescorer
@@ -148,10 +148,10 @@ class MiniPacs:
         self.ohif = OhifSite(config.ohif_directory,
                              configuration.get("DicomWeb", {}).get("Root", "/dicom-web/"))
 
-    def process(self, instance_id: str) -> None:
-        # Called in the worker thread, never in Orthanc's store thread.
-        ingest(self.index, self.settings, instance_id, orthanc.GetDicomForInstance(instance_id),
-               self.lookup, self.models)
+    def process(self, instance_ids: list[str]) -> None:
+        # Called in a worker thread, never in Orthanc's store thread.
+        ingest_many(self.index, self.settings,
+                    [(i, orthanc.GetDicomForInstance(i)) for i in instance_ids], self.lookup, self.models)
 
     def keep_reconciled(self) -> None:
         """At start, then whenever the worker is idle and the counts differ: the index follows

@@ -24,7 +24,7 @@ def test_paths_are_resolved_against_the_base_and_absolute_paths_kept(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ({"PngCompressLevel": "1"}, "PngCompressLevel must be of type int"),
-    ({"PngCompressLevel": 10}, "within 0..9"),
+    ({"PngCompressLevel": 4}, "within 0..3"),
     ({"PngCompressLevel": True}, "PngCompressLevel must be of type int"),
     ({"QueueSize": 0}, "at least 1"),
     ({"ReconcileOnStart": 1}, "ReconcileOnStart must be of type bool"),

@@ -169,11 +169,11 @@ def test_readers_in_other_threads_see_the_writes(index, settings):
 def test_worker_counts_outcomes_and_reports_idle():
     done, release = [], threading.Event()
 
-    def handle(instance_id):
+    def handle(instance_ids):
         release.wait(5)
-        if instance_id == "bad":
+        if "bad" in instance_ids:
             raise ValueError("boom")
-        done.append(instance_id)
+        done.extend(instance_ids)
 
     worker = Worker(handle, queue_size=2)
     worker.start()
@@ -189,12 +189,12 @@ def test_worker_counts_outcomes_and_reports_idle():
 def test_stop_finishes_the_instance_in_hand_and_leaves_the_rest():
     started, release, done = threading.Event(), threading.Event(), []
 
-    def handle(instance_id):
+    def handle(instance_ids):
         started.set()
         release.wait(5)
-        done.append(instance_id)
+        done.extend(instance_ids)
 
-    worker = Worker(handle, queue_size=10)
+    worker = Worker(handle, queue_size=10, batch=1)
     worker.start()
     worker.submit("first")
     worker.submit("second")
@@ -263,13 +263,38 @@ def test_an_index_made_by_an_older_version_gains_the_new_columns(tmp_path, setti
     assert index.counts()["images"] == 1 and index.get(idx.PATIENTS, "1CT1")
 
 
+def test_a_backlog_is_handled_in_batches_and_a_bad_instance_costs_only_itself():
+    started, release, batches = threading.Event(), threading.Event(), []
+
+    def handle(instance_ids):
+        started.set()
+        release.wait(5)
+        if "bad" in instance_ids:
+            raise ValueError("boom")
+        batches.append(instance_ids)
+
+    worker = Worker(handle, queue_size=100, batch=4)
+    worker.start()
+    worker.submit("first")
+    started.wait(5)
+    for name in ("a", "b", "bad", "c", "d", "e"):
+        worker.submit(name)
+    release.set()
+    wait_until(lambda: worker.stats()["idle"])
+    worker.stop()
+    assert batches[0] == ["first"]
+    assert [len(b) for b in batches[1:]] == [1, 1, 1, 2]  # [a, b, bad, c] failed, then one by one
+    assert sorted(sum(batches, [])) == ["a", "b", "c", "d", "e", "first"]
+    assert worker.stats()["processed"] == 6 and worker.stats()["failed"] == 1
+
+
 def test_several_worker_threads_share_the_queue():
     seen, lock = [], threading.Lock()
 
-    def handle(instance_id):
+    def handle(instance_ids):
         time.sleep(0.01)
         with lock:
-            seen.append((instance_id, threading.current_thread().name))
+            seen.extend((i, threading.current_thread().name) for i in instance_ids)
 
     worker = Worker(handle, queue_size=100, threads=3)
     worker.start()

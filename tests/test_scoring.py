@@ -7,7 +7,7 @@ import pytest
 
 from corpus import find
 from minipacs import index as idx
-from minipacs.ingest import Settings, ingest
+from minipacs.ingest import Settings, ingest, ingest_many
 from minipacs.preprocess import model_input
 from minipacs.rescore import Busy, Rescorer
 from minipacs.routes import Router
@@ -93,6 +93,29 @@ def test_ingest_scores_rendered_images_and_publishes_them(archive):
         assert image["Flagged"] == (image["AnomalyScore"] > 0.5)
     plan = next(i for i in images if i["Status"] == "no_pixel_data")
     assert plan["AnomalyScore"] is None and plan["Flagged"] is None
+
+
+def test_ingesting_several_at_once_scores_them_in_one_run_as_one_by_one(archive, tmp_path):
+    index, settings, slot, _ = archive
+    one_by_one = {i["OrthancID"]: i for i in index.page(idx.IMAGES, 10, 0)[0]}
+    runs = []
+    session = slot.scorer.session
+
+    class Counting:  # ONNX Runtime's session, counting its runs
+        def run(self, outputs, inputs):
+            runs.append(len(next(iter(inputs.values()))))
+            return session.run(outputs, inputs)
+
+    slot.scorer.session = Counting()
+    together = idx.Index(tmp_path / "together.sqlite")
+    names = ("CT_small.dcm", "MR_small.dcm", "RG1_UNCI.dcm", "rtplan.dcm")
+    ingest_many(together, settings, [(instance_id_of(find(n)), find(n).read_bytes()) for n in names],
+                OfflineLookup(), slot)
+    assert runs == [3]  # the three rendered images, in one batch; the plan has no pixels
+    for image in together.page(idx.IMAGES, 10, 0)[0]:
+        expected = one_by_one[image["OrthancID"]]
+        assert image["Status"] == expected["Status"] and image["Flagged"] == expected["Flagged"]
+        assert image["AnomalyScore"] == pytest.approx(expected["AnomalyScore"], abs=1e-6)
 
 
 def test_rescore_applies_a_new_model_to_every_rendered_image(archive, tmp_path):

@@ -76,8 +76,8 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
 
     data = path("DataDirectory", base / "minipacs-data")
     level = _typed(options, "PngCompressLevel", int)
-    if not 0 <= level <= 9:
-        raise ConfigError(f"{SECTION}.PngCompressLevel must be within 0..9, not {level}")
+    if not 0 <= level <= 3:
+        raise ConfigError(f"{SECTION}.PngCompressLevel must be within 0..3, not {level}")
     window_index = _typed(options, "WindowIndex", int)
     if window_index < 0:
         raise ConfigError(f"{SECTION}.WindowIndex must be at least 0, not {window_index}")

@@ -107,25 +107,27 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def score_image(models: ModelSlot | None, pixels: np.ndarray, name: str) -> tuple[Score | None, dict]:
-    """Score rendered pixels with the model in use, if any; the score and its index columns.
+def score_images(models: ModelSlot | None, images: list[np.ndarray]) -> list[tuple[Score | None, dict]]:
+    """Score rendered pixels with the model in use, if any, as one batch (about half the cost
+    per image of one call each); each image's score and its index columns.
 
-    A failing model costs the score, never the image: the failure is logged and noted."""
+    A failing model costs the scores, never the images: the failure is logged and noted."""
     scorer = models.scorer if models else None
-    if scorer is None:
-        return None, score_columns(None)
+    if scorer is None or not images:
+        return [(None, score_columns(None)) for _ in images]
     try:
-        score = scorer.score(pixels)
+        scores = scorer.scores(images)
     except Exception as exc:
-        log.exception("scoring %s failed", name)
-        return None, {**score_columns(None), "status_detail": f"scoring failed: {exc}"}
-    return score, {**score_columns(score), "scored_at": now()}
+        log.exception("scoring %d image(s) failed", len(images))
+        return [(None, {**score_columns(None), "status_detail": f"scoring failed: {exc}"}) for _ in images]
+    scored_at = now()
+    return [(score, {**score_columns(score), "scored_at": scored_at}) for score in scores]
 
 
-def _render_columns(ds: Dataset, png_path: Path, settings: Settings, fallback: Decoder,
-                    models: ModelSlot | None) -> tuple[dict[str, Any], Score | None]:
-    """Render the first frame to ``png_path`` and score it; the image columns that describe
-    the outcome, and the score."""
+def _render_columns(ds: Dataset, png_path: Path, settings: Settings,
+                    fallback: Decoder) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Render the first frame to ``png_path``; the image columns that describe the outcome,
+    and the pixels shown (None when nothing could be rendered)."""
     try:
         shown = render(ds, 0, settings.window_index, fallback)
     except NoPixelData as exc:
@@ -138,14 +140,13 @@ def _render_columns(ds: Dataset, png_path: Path, settings: Settings, fallback: D
     partial = png_path.with_suffix(".png.part")
     partial.write_bytes(encode_png(shown.pixels, settings.png_compress_level))
     os.replace(partial, png_path)  # readers never see half a PNG
-    score, score_cols = score_image(models, shown.pixels, png_path.stem)
     return {"status": idx.RENDERED, "status_detail": shown.notes or None,
             "png": png_path.name, "frames": shown.frames,
             "rendered_frame": shown.frame, "photometric": shown.photometric,
             "rescale_slope": shown.rescale_slope, "rescale_intercept": shown.rescale_intercept,
             "window_center": shown.window_center, "window_width": shown.window_width,
             "window_source": shown.window_source, "voi_function": shown.voi_function,
-            "inverted": shown.inverted, "decoder": shown.decoder, **score_cols}, score
+            "inverted": shown.inverted, "decoder": shown.decoder}, shown.pixels
 
 
 _EMPTY_RENDER = dict.fromkeys(("status_detail", "png", "frames", "rendered_frame", "photometric",
@@ -163,16 +164,16 @@ def read_dataset(data: bytes) -> Dataset:
     return ds
 
 
-def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
-           lookup: OrthancLookup, models: ModelSlot | None = None) -> dict[str, Any]:
-    """Render, score and index one instance; return its image columns.
+def _render_instance(settings: Settings, instance_id: str, data: bytes,
+                     lookup: OrthancLookup) -> tuple[idx.InstanceRecord, np.ndarray | None]:
+    """The index rows of one instance, its PNG written, and the pixels to score.
 
     Orthanc's tags are asked for only when pydicom cannot read the file, so that even an
     unreadable instance that Orthanc accepted gets its place in the hierarchy and a status;
     Orthanc's decoder only when pydicom's decoders fail.
     """
     png_path = settings.png_directory / f"{instance_id}.png"
-    score = None
+    pixels = None
     try:
         ds = read_dataset(data)
     except Exception as exc:  # pydicom could not parse what DCMTK accepted
@@ -181,20 +182,44 @@ def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
                    "status_detail": f"pydicom cannot read the file: {type(exc).__name__}: {exc}"}
     else:
         record = describe(ds, instance_id, lookup)
-        rendered, score = _render_columns(ds, png_path, settings,
-                                          lambda f: lookup.decode(data, f), models)
+        rendered, pixels = _render_columns(ds, png_path, settings, lambda f: lookup.decode(data, f))
         columns = {**_EMPTY_RENDER, "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),
                    "frames": _int(ds, "NumberOfFrames"), **rendered}
-    if columns["status"] != idx.RENDERED:
+    if pixels is None:
         png_path.unlink(missing_ok=True)  # a re-sent instance that no longer renders
     image = {**record.image, **columns}
-    index.put(idx.InstanceRecord(record.patient, record.study, record.series, image))
-    if score is not None:
-        try:
-            lookup.publish(instance_id, record.study["orthanc_id"], score)
-        except Exception:  # Orthanc's copy of the flag is a convenience; the index has it
-            log.exception("publishing the score of %s to Orthanc failed", instance_id)
-    return image
+    return idx.InstanceRecord(record.patient, record.study, record.series, image), pixels
+
+
+def ingest_many(index: idx.Index, settings: Settings, items: list[tuple[str, bytes]],
+                lookup: OrthancLookup, models: ModelSlot | None = None) -> list[dict[str, Any]]:
+    """Render, score and index instances given as (Orthanc ID, file); their image columns.
+
+    The rendered images are scored together, in one run of the model."""
+    records, pixels = zip(*(_render_instance(settings, instance_id, data, lookup)
+                            for instance_id, data in items)) if items else ((), ())
+    shown = [i for i, p in enumerate(pixels) if p is not None]
+    scores = dict(zip(shown, score_images(models, [pixels[i] for i in shown])))
+    for i, record in enumerate(records):
+        score, columns = scores.get(i, (None, {}))
+        image = record.image
+        detail = columns.pop("status_detail", None)
+        image.update(columns)
+        if detail:
+            image["status_detail"] = "; ".join(filter(None, (image["status_detail"], detail)))
+        index.put(record)
+        if score is not None:
+            try:
+                lookup.publish(image["orthanc_id"], record.study["orthanc_id"], score)
+            except Exception:  # Orthanc's copy of the flag is a convenience; the index has it
+                log.exception("publishing the score of %s to Orthanc failed", image["orthanc_id"])
+    return [record.image for record in records]
+
+
+def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
+           lookup: OrthancLookup, models: ModelSlot | None = None) -> dict[str, Any]:
+    """Render, score and index one instance; return its image columns."""
+    return ingest_many(index, settings, [(instance_id, data)], lookup, models)[0]
 
 
 def remove(index: idx.Index, png_directory: Path, table: str, orthanc_id: str) -> int:
@@ -223,12 +248,16 @@ def reconcile(index: idx.Index, png_directory: Path, in_orthanc: set[str],
 
 
 class Worker:
-    """Threads that run ``handle(instance_id)`` for each queued ID, counting outcomes.
+    """Threads that run ``handle(instance_ids)`` on what is queued, counting outcomes.
 
-    Decoding, zlib and ONNX Runtime release the GIL, so two threads use two cores well."""
+    A thread takes up to ``batch`` IDs at once when they are waiting, so that a backlog is
+    scored in batches; alone, an instance is handled at once. Decoding, zlib and ONNX Runtime
+    release the GIL, so two threads use two cores well."""
 
-    def __init__(self, handle: Callable[[str], Any], queue_size: int, threads: int = 1):
+    def __init__(self, handle: Callable[[list[str]], Any], queue_size: int, threads: int = 1,
+                 batch: int = 16):
         self._handle = handle
+        self._batch = batch
         self._queue: queue.Queue[str | None] = queue.Queue(queue_size)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -266,13 +295,23 @@ class Worker:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             counts = dict(self._counts)
-        # unfinished_tasks counts the instance in hand too, so "idle" means all caught up.
+        # unfinished_tasks counts the instances in hand too, so "idle" means all caught up.
         pending = self._queue.unfinished_tasks
         return {**counts, "queued": pending, "idle": pending == 0}
 
-    def _count(self, key: str) -> None:
+    def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
-            self._counts[key] += 1
+            self._counts[key] += n
+
+    def _take(self) -> list[str | None]:
+        """The next ID, waiting for it, and up to ``batch - 1`` more that are already queued."""
+        taken = [self._queue.get()]
+        while len(taken) < self._batch and taken[-1] is not None:
+            try:
+                taken.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return taken
 
     def _run(self) -> None:
         # Orthanc's own threads (storing, answering) come first: the worker takes the CPU they
@@ -280,13 +319,23 @@ class Worker:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
         while not self._stop.is_set():
-            instance_id = self._queue.get()
+            taken = self._take()
             try:
-                if instance_id is not None:
-                    self._handle(instance_id)
-                    self._count("processed")
-            except Exception:
-                self._count("failed")
-                log.exception("ingest of instance %s failed", instance_id)
+                self._process([i for i in taken if i is not None])
             finally:
-                self._queue.task_done()
+                for _ in taken:
+                    self._queue.task_done()
+
+    def _process(self, instance_ids: list[str]) -> None:
+        if not instance_ids:
+            return
+        try:
+            self._handle(instance_ids)
+            self._count("processed", len(instance_ids))
+        except Exception:
+            if len(instance_ids) > 1:  # one bad instance must not cost the others: one by one
+                for instance_id in instance_ids:
+                    self._process([instance_id])
+                return
+            self._count("failed")
+            log.exception("ingest of instance %s failed", instance_ids[0])

@@ -16,11 +16,11 @@ one indexing per pixel), never per-pixel float math. Training and the plugin bot
 
 import struct
 import warnings
-import zlib
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from isal import isal_zlib
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, pixel_array
@@ -487,16 +487,16 @@ def render(ds: Dataset, frame: int = 0, window_index: int = 0,
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", isal_zlib.crc32(kind + data))
 
 
 def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
     """PNG (ISO/IEC 15948) of 8-bit grey or RGB pixels: filter Up on every row, then deflate
-    with the run-length strategy.
+    with ISA-L at ``compress_level`` (0–3).
 
-    Chosen by measurement (bench/png_options.py): on CT/MR/CR slices this is 5-15% smaller
-    than Pillow's adaptive filters at the same level and 2-3× faster, and cheaper than zlib on
-    the raw pixel bytes, since the filtered rows hold long runs."""
+    Chosen by measurement (bench/png_options.py): on CT/MR/CR slices, rows filtered with Up hold
+    long runs, and ISA-L's level 1 deflates them 3× faster than zlib's fastest (level 1, run-length
+    strategy) for 3 % more bytes; Pillow's adaptive filters are slower and larger still."""
     rows = np.ascontiguousarray(pixels, dtype=np.uint8)
     height, width = rows.shape[:2]
     rows = rows.reshape(height, -1)
@@ -505,7 +505,6 @@ def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
     header = struct.pack(">IIBBBBB", width, height, 8, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
-    deflate = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
-    data = deflate.compress(filtered) + deflate.flush()
+    data = isal_zlib.compress(filtered, compress_level)
     return b"".join((b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header),
                      _png_chunk(b"IDAT", data), _png_chunk(b"IEND", b"")))

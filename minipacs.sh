@@ -119,11 +119,10 @@ case "${1:-}" in
     PYTHONPATH="$ROOT/plugin:$ROOT" exec "$TRAIN_VENV/bin/python" -m training "$@"
     ;;
   bench)
+    shift
     setup --dev
-    "$VENV/bin/python" bench/render.py --json bench/results/render.json
-    "$VENV/bin/python" bench/png_options.py
-    "$VENV/bin/python" bench/scoring.py --json bench/results/scoring.json
-    "$VENV/bin/python" bench/memory.py --calls 20000 --ingests 1000 --json bench/results/memory.json
+    install_training_venv  # bench/training.py runs in it
+    exec "$VENV/bin/python" bench/run_all.py "$@"
     ;;
   *) sed -n '2,8p' "$0" >&2; exit 2 ;;
 esac

@@ -1,6 +1,8 @@
-"""What every benchmark here shares: timing and writing the results."""
+"""What every benchmark here shares: timing, the run's context and writing the results."""
 
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -22,3 +24,11 @@ def write_results(path: Path | None, results: dict) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def context() -> dict:
+    """When and where a run happened, with the load it shared the machine with: timings on a
+    busy 2-core machine mean little without it."""
+    return {"date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "load_average_1min_at_start": os.getloadavg()[0]}

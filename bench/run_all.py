@@ -1,0 +1,152 @@
+"""Every benchmark in one command, then one table of the results against their targets.
+
+Each benchmark runs in a process of its own and writes its JSON into one folder; the table is
+also written there, as summary.json.
+
+    ./minipacs.sh bench [--only NAME ...] [--quick] [--out DIR]   (installs both venvs first)
+    .venv/bin/python bench/run_all.py [the same options]
+
+``--quick`` runs small sizes, to try the command out: its numbers mean little, so they go to a
+new temporary folder unless ``--out`` is given, never over the results the README quotes.
+A benchmark that fails is reported as such and the others still run; the exit status is 1 then.
+png_options.py writes no JSON (it compares encoders by eye) and is not run here.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PYTHON = ROOT / ".venv" / "bin" / "python"
+TRAINING_PYTHON = ROOT / ".venv-training" / "bin" / "python"
+
+Row = tuple[str, str, str, bool | None]  # benchmark, result, target, met (None: no target)
+
+
+def render_rows(r: dict) -> list[Row]:
+    ratio = r["decode_voi_png_over_zlib_floor"]
+    return [("render: decode + VOI + PNG of a 512×512 CT / zlib floor", f"{ratio:.2f}×", "≤ 2×",
+             ratio <= 2)]
+
+
+def scoring_rows(r: dict) -> list[Row]:
+    ms = r["ms_per_image_batch_of_1"]
+    return [("scoring, batch of one (preprocessing included)", f"{ms:.2f} ms per image", "≤ 3 ms",
+             ms <= 3)]
+
+
+def ingest_rows(r: dict) -> list[Row]:
+    upload, end_to_end = r["upload_ratio"], r["end_to_end_ratio"]
+    return [(f"ingest, {r['instances']} CT: upload rate with minipacs / bare Orthanc",
+             f"{upload:.2f} ({r['plugin_upload_per_s']:.0f}/s vs {r['bare_upload_per_s']:.0f}/s)",
+             "≥ 0.9", upload >= 0.9),
+            ("ingest, end to end (rendered, scored, indexed) / bare upload rate",
+             f"{end_to_end:.2f} ({r['plugin_end_to_end_per_s']:.0f}/s)", "≥ 0.6", end_to_end >= 0.6)]
+
+
+def latency_rows(r: dict) -> list[Row]:
+    ms = r["latency_ms"]
+    return [(f"ingest-to-verdict latency, {r['instances']} CT at {r['rate_asked_per_s']:g}/s",
+             f"p50 {ms['p50']:.0f} ms, p99 {ms['p99']:.0f} ms, max {ms['max']:.0f} ms "
+             f"({r['rate_achieved_per_s']:.1f}/s sent)", "—", None)]
+
+
+def routes_rows(r: dict) -> list[Row]:
+    ours = {name: s for name, s in r["routes"].items() if not name.startswith("Orthanc")}
+    slowest = max(ours, key=lambda name: ours[name]["p99_ms"])
+    return [(f"routes over {r['counts']['images']:,} images: p99 of the slowest minipacs route",
+             f"{ours[slowest]['p99_ms']:.1f} ms ({slowest})",
+             f"≤ Orthanc /patients/{{id}} ({r['target_p99_ms']:.1f} ms)", not r["slower_than_target"])]
+
+
+def training_rows(r: dict) -> list[Row]:
+    steady = r["images_per_s_after_first"]
+    return [(f"training, {r['architecture']} at {r['input_size']}px, batch {r['batch_size']}",
+             (f"{steady:.0f} images/s per epoch" if steady else "one epoch only")
+             + f" (first epoch, with tracing: {r['images_per_s_first_epoch']:.0f})", "—", None)]
+
+
+def memory_rows(r: dict) -> list[Row]:
+    return [("memory: Orthanc RSS growth after warm-up, minipacs / without it",
+             f"{r['minipacs_routes_mb_per_10000']:+.1f} / {r['trivial_python_callback_mb_per_10000']:+.1f} MB "
+             f"per 10,000 route calls (a trivial Python callback), "
+             f"{r['minipacs_ingests_mb_per_1000']:+.1f} / {r['bare_orthanc_ingests_mb_per_1000']:+.1f} MB "
+             f"per 1,000 ingests (bare Orthanc)", "—", None)]
+
+
+@dataclass(frozen=True)
+class Bench:
+    script: str
+    full: tuple[str, ...]  # the arguments of a run whose numbers are quoted
+    quick: tuple[str, ...]
+    rows: Callable[[dict], list[Row]]
+    python: Path = PYTHON
+
+
+BENCHES = {
+    "render": Bench("render.py", (), ("--runs", "5"), render_rows),
+    "scoring": Bench("scoring.py", (), ("--runs", "10"), scoring_rows),
+    "ingest": Bench("ingest.py", (), ("--instances", "50"), ingest_rows),
+    "latency": Bench("latency.py", (), ("--rate", "10", "--seconds", "3"), latency_rows),
+    "routes": Bench("routes.py", (), ("--images", "20000", "--patients", "200", "--requests", "50"),
+                    routes_rows),
+    "training": Bench("training.py", (), ("--images", "256", "--epochs", "2"), training_rows,
+                      TRAINING_PYTHON),
+    "memory": Bench("memory.py", ("--calls", "20000", "--ingests", "1000"),
+                    ("--calls", "600", "--ingests", "50"), memory_rows),
+}
+
+
+def run(name: str, bench: Bench, quick: bool, out: Path) -> tuple[list[Row], bool]:
+    """Run one benchmark; its summary rows, and whether it failed."""
+    script = ROOT / "bench" / bench.script
+    if not script.exists():
+        return [(name, f"skipped: bench/{bench.script} does not exist yet", "", None)], False
+    path = out / f"{name}.json"
+    path.unlink(missing_ok=True)  # a failed run must not leave an older result to be summarised
+    command = [str(bench.python), str(script), *(bench.quick if quick else bench.full), "--json", str(path)]
+    print(f"\n=== {name}: {' '.join(command[1:])}", flush=True)
+    code = subprocess.run(command, cwd=ROOT).returncode
+    if code != 0 or not path.exists():
+        return [(name, f"FAILED (exit status {code})", "", False)], True
+    return bench.rows(json.loads(path.read_text())), False
+
+
+def table(rows: list[Row]) -> str:
+    lines = [("benchmark", "result", "target", "met?")] + [
+        (b, result, target, {True: "yes", False: "NO", None: "—"}[met]) for b, result, target, met in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(BENCHES), metavar="NAME",
+                        help=f"run only these: {', '.join(BENCHES)}")
+    parser.add_argument("--quick", action="store_true", help="small sizes, to try the command out")
+    parser.add_argument("--out", type=Path, help=f"where the JSON files go (default "
+                        f"{RESULTS.relative_to(ROOT)}, or a temporary folder with --quick)")
+    args = parser.parse_args()
+    out = args.out or (Path(tempfile.mkdtemp(prefix="minipacs-bench-")) if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], []
+    for name in args.only or BENCHES:
+        bench_rows, bench_failed = run(name, BENCHES[name], args.quick, out)
+        rows += bench_rows
+        failed += [name] * bench_failed
+    summary = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "failed": failed,
+               "rows": [dict(zip(("benchmark", "result", "target", "met"), row)) for row in rows]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    print(f"\n{table(rows)}\n\nJSON in {out}" + (" (--quick: small sizes)" if args.quick else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -304,3 +304,86 @@ def test_several_worker_threads_share_the_queue():
     worker.stop()
     assert sorted(int(i) for i, _ in seen) == list(range(30))
     assert len({name for _, name in seen}) > 1 and worker.stats()["processed"] == 30
+
+
+def record(patient="P", study="1.2", series="1.2.3", sop="1.2.3.4", modality="CT",
+           status=idx.RENDERED):
+    """A minimal instance, placed where Orthanc would put it."""
+    ids = orthanc_ids(patient, study, series, sop)
+    return idx.InstanceRecord({"orthanc_id": ids.patient, "patient_id": patient},
+                              {"orthanc_id": ids.study, "study_uid": study},
+                              {"orthanc_id": ids.series, "series_uid": series, "modality": modality},
+                              {"orthanc_id": ids.instance, "sop_uid": sop, "status": status})
+
+
+def counted(index):
+    """The counts and status counts as the rows say, to check the counters against."""
+    db = index._connection()
+    levels = {level: db.execute(f"SELECT count(*) FROM {level}").fetchone()[0] for level in idx.LEVELS}
+    return levels, dict(db.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
+
+
+def test_counters_follow_inserts_replacements_status_changes_and_cascades(index):
+    for n in range(3):
+        index.put(record(sop=f"1.2.3.{n}"))
+    index.put(record(patient="Q", study="9", series="9.1", sop="9.1.1", status=idx.RENDER_FAILED))
+    index.put(record(sop="1.2.3.0", status=idx.UNREADABLE))  # re-sent: replaced, not added
+    assert index.counts() == {"patients": 2, "studies": 2, "series": 2, "images": 4}
+    assert index.status_counts() == {idx.RENDERED: 2, idx.RENDER_FAILED: 1, idx.UNREADABLE: 1}
+    assert (index.counts(), index.status_counts()) == counted(index)
+    index.delete("patients", orthanc_ids("Q", "", "", "").patient)  # rows under it cascade
+    assert index.counts() == {"patients": 1, "studies": 1, "series": 1, "images": 3}
+    assert index.status_counts() == {idx.RENDERED: 2, idx.UNREADABLE: 1}
+    assert (index.counts(), index.status_counts()) == counted(index)
+
+
+def test_deleting_an_image_keeps_the_parents_that_still_hold_others(index):
+    for sop in ("1.2.3.1", "1.2.3.2"):
+        index.put(record(sop=sop))
+    index.put(record(series="1.2.4", sop="1.2.4.1"))
+    index.delete("images", orthanc_ids("P", "1.2", "1.2.3", "1.2.3.1").instance)
+    assert index.counts() == {"patients": 1, "studies": 1, "series": 2, "images": 2}
+    index.delete("images", orthanc_ids("P", "1.2", "1.2.3", "1.2.3.2").instance)
+    assert index.counts() == {"patients": 1, "studies": 1, "series": 1, "images": 1}
+
+
+def test_images_follow_their_series_modality(index):
+    index.put(record(sop="1.2.3.1", modality="OT"))
+    index.put(record(sop="1.2.3.2", modality="CT"))  # the series re-sent with a corrected modality
+    modalities = index._connection().execute("SELECT modality FROM images").fetchall()
+    assert modalities == [("CT",), ("CT",)]
+
+
+def test_an_older_index_gains_counters_new_indexes_and_image_modalities(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "old.sqlite")
+    old.executescript("""
+        CREATE TABLE patients (orthanc_id TEXT PRIMARY KEY, patient_id TEXT NOT NULL);
+        CREATE TABLE studies (orthanc_id TEXT PRIMARY KEY, patient TEXT NOT NULL, study_uid TEXT NOT NULL);
+        CREATE TABLE series (orthanc_id TEXT PRIMARY KEY, study TEXT NOT NULL, series_uid TEXT NOT NULL,
+                             modality TEXT);
+        CREATE TABLE images (orthanc_id TEXT PRIMARY KEY, series TEXT NOT NULL, sop_uid TEXT NOT NULL,
+                             status TEXT NOT NULL, anomaly_score REAL, flagged INTEGER,
+                             indexed_at TEXT NOT NULL DEFAULT 'x');
+        CREATE INDEX images_by_series ON images(series);
+        CREATE INDEX images_flagged ON images(flagged, anomaly_score);
+        INSERT INTO patients VALUES ('p', 'P');
+        INSERT INTO studies VALUES ('s', 'p', '1.2');
+        INSERT INTO series VALUES ('se', 's', '1.2.3', 'MR');
+        INSERT INTO images VALUES ('i1', 'se', '1.2.3.1', 'rendered', 0.9, 1, 'x'),
+                                  ('i2', 'se', '1.2.3.2', 'render_failed', NULL, NULL, 'x');""")
+    old.commit()
+    old.close()
+    index = idx.Index(tmp_path / "old.sqlite")
+    assert index.counts() == {"patients": 1, "studies": 1, "series": 1, "images": 2}
+    assert index.status_counts() == {idx.RENDERED: 1, idx.RENDER_FAILED: 1}
+    names = {name for name, in index._connection().execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert not names & set(idx.OBSOLETE_INDEXES)
+    assert {"images_of_series", "images_flagged_in_order", "images_flagged_by_modality"} <= names
+    items, total = index.page(idx.FLAGGED, 10, 0, "i.flagged = 1 AND " + idx.ANOMALY_FILTERS["modality"],
+                              ("MR",))
+    assert total == 1 and items[0]["OrthancID"] == "i1"
+    idx.Index(tmp_path / "old.sqlite")  # opening it again changes nothing
+    assert index.counts()["images"] == 2

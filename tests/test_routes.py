@@ -128,3 +128,33 @@ def test_other_methods_are_not_allowed(router):
     for method in ("POST", "PUT", "DELETE"):
         response = router.handle(method, "patients/count", {})
         assert response.status == 405
+
+
+def test_pages_keep_the_order_at_every_offset(router):
+    for level in ("patients", "studies", "series", "images"):
+        _, whole = get(router, level)
+        pieces = [get(router, level, limit=1, offset=n)[1]["items"][0] for n in range(whole["total"])]
+        assert pieces == whole["items"], level
+
+
+def test_images_by_status_have_their_total(router):
+    _, rendered = get(router, "images", status="rendered")
+    assert rendered["total"] == len(rendered["items"]) == 3
+    assert get(router, "images", status="unreadable")[1] == {"items": [], "total": 0, "limit": 100,
+                                                             "offset": 0}
+
+
+def test_anomalies_by_patient_study_series_and_modality(router):
+    _, images = get(router, "images", status="rendered")
+    router.index.set_scores([{"orthanc_id": image["OrthancID"], "anomaly_score": score, "flagged": 1,
+                              "model_version": "test", "threshold": 0.5}
+                             for image, score in zip(images["items"], (0.7, 0.9, 0.8))])
+    _, everything = get(router, "anomalies")
+    assert [i["AnomalyScore"] for i in everything["items"]] == [0.9, 0.8, 0.7]
+    for key, field in (("patient", "PatientID"), ("study", "StudyInstanceUID"),
+                       ("series", "SeriesInstanceUID"), ("modality", "Modality")):
+        for image in (i for i in images["items"] if i[field]):  # an empty value filters nothing
+            expected = [i for i in everything["items"] if i[field] == image[field]]
+            _, page = get(router, "anomalies", **{key: image[field]})
+            assert (page["items"], page["total"]) == (expected, len(expected)), key
+    assert get(router, "anomalies", limit=1, offset=1)[1]["items"] == everything["items"][1:2]

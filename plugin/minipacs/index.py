@@ -5,6 +5,11 @@ instance replaces its row); the DICOM identifiers are indexed for lookups. One w
 ingest worker) and many readers (HTTP threads) share the file through WAL mode, each thread with
 its own connection. Queries return dicts whose keys are DICOM keywords where the value is a
 DICOM attribute, so JSON answers read like the standard.
+
+Every route must stay cheap with a million images: counts come from a ``counters`` table kept by
+triggers, each listing's order has an index that yields it (so a page reads ``limit + offset``
+index entries, never the whole table), and a page is chosen on its own table before the rows of
+the parents are joined.
 """
 
 import sqlite3
@@ -21,7 +26,7 @@ CREATE TABLE IF NOT EXISTS patients (
     birth_date TEXT,
     sex TEXT
 );
-CREATE INDEX IF NOT EXISTS patients_by_patient_id ON patients(patient_id);
+CREATE INDEX IF NOT EXISTS patients_in_order ON patients(patient_id, orthanc_id);
 
 CREATE TABLE IF NOT EXISTS studies (
     orthanc_id TEXT PRIMARY KEY,
@@ -31,7 +36,8 @@ CREATE TABLE IF NOT EXISTS studies (
     description TEXT,
     accession_number TEXT
 );
-CREATE INDEX IF NOT EXISTS studies_by_patient ON studies(patient);
+CREATE INDEX IF NOT EXISTS studies_of_patient ON studies(patient, study_date, study_uid, orthanc_id);
+CREATE INDEX IF NOT EXISTS studies_in_order ON studies(study_date, study_uid, orthanc_id);
 CREATE INDEX IF NOT EXISTS studies_by_uid ON studies(study_uid);
 
 CREATE TABLE IF NOT EXISTS series (
@@ -42,7 +48,8 @@ CREATE TABLE IF NOT EXISTS series (
     series_number INTEGER,
     description TEXT
 );
-CREATE INDEX IF NOT EXISTS series_by_study ON series(study);
+CREATE INDEX IF NOT EXISTS series_of_study ON series(study, series_number, series_uid, orthanc_id);
+CREATE INDEX IF NOT EXISTS series_in_order ON series(series_number, series_uid, orthanc_id);
 CREATE INDEX IF NOT EXISTS series_by_uid ON series(series_uid);
 
 CREATE TABLE IF NOT EXISTS images (
@@ -73,13 +80,69 @@ CREATE TABLE IF NOT EXISTS images (
     model_version TEXT,
     threshold REAL,
     scored_at TEXT,
-    indexed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    indexed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    modality TEXT  -- the series' own, copied so that anomalies by modality need no join
 );
-CREATE INDEX IF NOT EXISTS images_by_series ON images(series);
+CREATE INDEX IF NOT EXISTS images_of_series ON images(series, instance_number, sop_uid, orthanc_id);
+CREATE INDEX IF NOT EXISTS images_in_order ON images(instance_number, sop_uid, orthanc_id);
 CREATE INDEX IF NOT EXISTS images_by_uid ON images(sop_uid);
-CREATE INDEX IF NOT EXISTS images_by_status ON images(status);
-CREATE INDEX IF NOT EXISTS images_flagged ON images(flagged, anomaly_score);
+CREATE INDEX IF NOT EXISTS images_of_status ON images(status, instance_number, sop_uid, orthanc_id);
+-- "flagged" in the columns too: SQLite counts on a partial index without reading the rows
+-- only when the index holds every column the query names.
+CREATE INDEX IF NOT EXISTS images_flagged_in_order ON images(anomaly_score DESC, orthanc_id, flagged)
+    WHERE flagged = 1;
+CREATE INDEX IF NOT EXISTS images_flagged_by_modality
+    ON images(modality, anomaly_score DESC, orthanc_id, flagged) WHERE flagged = 1;
+
+CREATE TRIGGER IF NOT EXISTS series_modality AFTER UPDATE OF modality ON series
+WHEN old.modality IS NOT new.modality BEGIN
+    UPDATE images SET modality = new.modality WHERE series = new.orthanc_id;
+END;
 """
+# Indexes of older versions that the ones above replace.
+OBSOLETE_INDEXES = ("patients_by_patient_id", "studies_by_patient", "series_by_study",
+                    "images_by_series", "images_by_status", "images_flagged")
+# What fills a column for the rows that existed before it was added.
+BACKFILL = {("images", "modality"): "UPDATE images SET modality = "
+            "(SELECT se.modality FROM series se WHERE se.orthanc_id = images.series)"}
+LEVELS = ("patients", "studies", "series", "images")
+
+
+def _counter_statements() -> list[str]:
+    """The ``counters`` table, filled from the rows present, and the triggers that keep it:
+    one row per level and one per image status (``status:<status>``)."""
+    statements = ["CREATE TABLE counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID",
+                  "INSERT INTO counters SELECT 'status:' || status, count(*) FROM images GROUP BY status"]
+    add_status = ("INSERT INTO counters VALUES ('status:' || new.status, 1) "
+                  "ON CONFLICT(name) DO UPDATE SET n = n + 1;")
+    for table in LEVELS:
+        added, removed = (add_status, "'status:' || old.status") if table == "images" else ("", "")
+        statements += [
+            f"INSERT INTO counters SELECT '{table}', count(*) FROM {table}",
+            f"""CREATE TRIGGER {table}_added AFTER INSERT ON {table} BEGIN
+                UPDATE counters SET n = n + 1 WHERE name = '{table}'; {added} END""",
+            f"""CREATE TRIGGER {table}_removed AFTER DELETE ON {table} BEGIN
+                UPDATE counters SET n = n - 1 WHERE name IN ('{table}', {removed or "''"}); END""",
+        ]
+    statements.append(f"""CREATE TRIGGER images_status AFTER UPDATE OF status ON images
+        WHEN old.status IS NOT new.status BEGIN
+            UPDATE counters SET n = n - 1 WHERE name = 'status:' || old.status; {add_status} END""")
+    return statements
+
+
+def _add_counters(db: sqlite3.Connection) -> None:
+    """Create the counters in one transaction with the count they start from, unless another
+    connection did first."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'counters'").fetchone():
+            for statement in _counter_statements():
+                db.execute(statement)
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+
 
 def _migrate(db: sqlite3.Connection) -> None:
     """Create the schema, adding the columns that an index made by an older version lacks
@@ -89,14 +152,19 @@ def _migrate(db: sqlite3.Connection) -> None:
     for statement in tables:
         db.execute(statement)
         fresh.execute(statement)
-    for table in ("patients", "studies", "series", "images"):
+    for table in LEVELS:
         present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         for _, name, kind, _, default, _ in fresh.execute(f"PRAGMA table_info({table})"):
             if name not in present:
                 suffix = f" DEFAULT {default}" if default is not None else ""
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}{suffix}")
+                if (table, name) in BACKFILL:
+                    db.execute(BACKFILL[table, name])
     fresh.close()
-    db.executescript(SCHEMA)  # the indexes (the tables exist now)
+    for name in OBSOLETE_INDEXES:
+        db.execute(f"DROP INDEX IF EXISTS {name}")
+    db.executescript(SCHEMA)  # the indexes and triggers (the tables exist now)
+    _add_counters(db)
 
 
 # Image statuses: what the worker concluded about an instance.
@@ -140,14 +208,38 @@ class Level:
     columns: str
     source: str
     uid: str  # the DICOM identifier column
-    order: str
+    order: str  # an index yields it (see SCHEMA)
+    table: str  # the level's own table and alias, which page filters may name alone
+
+    @property
+    def name(self) -> str:
+        return self.table.split()[0]
+
+    @property
+    def alias(self) -> str:
+        return self.table.split()[1]
 
 
-PATIENTS = Level(_PATIENT, "patients p", "p.patient_id", "p.patient_id, p.orthanc_id")
-STUDIES = Level(_STUDY, _FROM_STUDY, "s.study_uid", "s.study_date, s.study_uid, s.orthanc_id")
-SERIES = Level(_SERIES, _FROM_SERIES, "se.series_uid", "se.series_number, se.series_uid, se.orthanc_id")
-IMAGES = Level(_IMAGE, _FROM_IMAGE, "i.sop_uid", "i.instance_number, i.sop_uid, i.orthanc_id")
-FLAGGED = Level(_IMAGE, _FROM_IMAGE, "i.sop_uid", "i.anomaly_score DESC, i.orthanc_id")
+PATIENTS = Level(_PATIENT, "patients p", "p.patient_id", "p.patient_id, p.orthanc_id", "patients p")
+STUDIES = Level(_STUDY, _FROM_STUDY, "s.study_uid", "s.study_date, s.study_uid, s.orthanc_id",
+                "studies s")
+SERIES = Level(_SERIES, _FROM_SERIES, "se.series_uid",
+               "se.series_number, se.series_uid, se.orthanc_id", "series se")
+IMAGES = Level(_IMAGE, _FROM_IMAGE, "i.sop_uid", "i.instance_number, i.sop_uid, i.orthanc_id",
+               "images i")
+FLAGGED = Level(_IMAGE, _FROM_IMAGE, "i.sop_uid", "i.anomaly_score DESC, i.orthanc_id", "images i")
+
+# Filters of flagged images by a parent's identifier or the modality, naming ``i`` alone (see
+# Index.page); the parents' series are found first, then their images by index.
+ANOMALY_FILTERS = {
+    "patient": """i.series IN (SELECT se.orthanc_id FROM series se
+        JOIN studies s ON s.orthanc_id = se.study JOIN patients p ON p.orthanc_id = s.patient
+        WHERE p.patient_id = ?)""",
+    "study": """i.series IN (SELECT se.orthanc_id FROM series se
+        JOIN studies s ON s.orthanc_id = se.study WHERE s.study_uid = ?)""",
+    "series": "i.series IN (SELECT se.orthanc_id FROM series se WHERE se.series_uid = ?)",
+    "modality": "i.modality = ?",
+}
 
 
 @dataclass(frozen=True)
@@ -174,26 +266,27 @@ class Index:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        # Keyed by OS thread, not threading.local: Orthanc's Python plugin runs each REST
+        # callback in a fresh Python thread state, which would open a connection per request.
+        self._connections: dict[int, sqlite3.Connection] = {}
         with self._connection() as db:
             db.execute("PRAGMA journal_mode = WAL")
             _migrate(db)
 
     def _connection(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
+        db = self._connections.get(threading.get_ident())
         if db is None:
             db = sqlite3.connect(self.path, timeout=30)
-            db.row_factory = sqlite3.Row
             db.execute("PRAGMA foreign_keys = ON")
             db.execute("PRAGMA synchronous = NORMAL")
-            self._local.db = db
+            self._connections[threading.get_ident()] = db
         return db
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
+        """Close the calling thread's connection."""
+        db = self._connections.pop(threading.get_ident(), None)
         if db is not None:
             db.close()
-            self._local.db = None
 
     # Writing -------------------------------------------------------------------------------
 
@@ -201,7 +294,8 @@ class Index:
         """Insert or replace one instance and its parents, in one transaction."""
         study = dict(record.study, patient=record.patient["orthanc_id"])
         series = dict(record.series, study=record.study["orthanc_id"])
-        image = dict(record.image, series=record.series["orthanc_id"])
+        image = dict(record.image, series=record.series["orthanc_id"],
+                     modality=record.series.get("modality"))
         with self._connection() as db:
             db.execute(_upsert("patients", record.patient), record.patient)
             db.execute(_upsert("studies", study), study)
@@ -211,10 +305,12 @@ class Index:
     # Reading -------------------------------------------------------------------------------
 
     def _all(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
-        rows = [dict(row) for row in self._connection().execute(sql, args)]
-        for row in rows:  # SQLite has no booleans
-            for key in ("Inverted", "Flagged"):
-                if row.get(key) is not None:
+        cursor = self._connection().execute(sql, args)
+        names = [column[0] for column in cursor.description]
+        rows = [dict(zip(names, row)) for row in cursor]
+        for key in {"Inverted", "Flagged"}.intersection(names):  # SQLite has no booleans
+            for row in rows:
+                if row[key] is not None:
                     row[key] = bool(row[key])
         return rows
 
@@ -242,40 +338,52 @@ class Index:
             FROM {IMAGES.source} WHERE i.orthanc_id = ?""", (orthanc_id,))
         return rows[0] if rows else None
 
-    def page(self, level: Level, limit: int, offset: int, where: str = "",
-             args: tuple = ()) -> tuple[list[dict[str, Any]], int]:
-        """One page of a level (optionally filtered by ``where``) and the total count."""
+    def page(self, level: Level, limit: int, offset: int, where: str = "", args: tuple = (),
+             total: int | None = None) -> tuple[list[dict[str, Any]], int]:
+        """One page of a level, optionally filtered by ``where`` on the level's own table, and
+        the total count (``total`` where the caller has it from the counters).
+
+        The page is chosen on the level's table alone, so the rows skipped by the offset cost
+        an index entry each, not a join with every parent."""
         clause = f"WHERE {where}" if where else ""
-        total = self._scalar(f"SELECT count(*) FROM {level.source} {clause}", args)
-        items = self._all(f"SELECT {level.columns} FROM {level.source} {clause} "
-                          f"ORDER BY {level.order} LIMIT ? OFFSET ?", args + (limit, offset))
+        if total is None:
+            total = (self._scalar(f"SELECT count(*) FROM {level.table} {clause}", args) if where
+                     else self.counts()[level.name])
+        keys = (f"SELECT {level.alias}.rowid AS k FROM {level.table} {clause} "
+                f"ORDER BY {level.order} LIMIT ? OFFSET ?")
+        items = self._all(f"SELECT {level.columns} FROM ({keys}) page CROSS JOIN {level.source} "
+                          f"WHERE {level.alias}.rowid = page.k ORDER BY {level.order}",
+                          args + (limit, offset))
         return items, total
 
     def counts(self) -> dict[str, int]:
-        row = self._connection().execute(
-            """SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),
-                      (SELECT count(*) FROM series), (SELECT count(*) FROM images)""").fetchone()
-        return dict(zip(("patients", "studies", "series", "images"), row))
+        found = dict(self._connection().execute(
+            "SELECT name, n FROM counters WHERE name IN ('patients', 'studies', 'series', 'images')"))
+        return {level: found[level] for level in LEVELS}
 
     def patient_counts(self, patient_orthanc_id: str) -> dict[str, int]:
         row = self._connection().execute(
-            """SELECT count(DISTINCT s.orthanc_id), count(DISTINCT se.orthanc_id), count(i.orthanc_id)
-            FROM studies s LEFT JOIN series se ON se.study = s.orthanc_id
-            LEFT JOIN images i ON i.series = se.orthanc_id WHERE s.patient = ?""",
-            (patient_orthanc_id,)).fetchone()
+            """SELECT (SELECT count(*) FROM studies WHERE patient = :p),
+                (SELECT count(*) FROM series se JOIN studies s ON s.orthanc_id = se.study
+                 WHERE s.patient = :p),
+                (SELECT count(*) FROM images i JOIN series se ON se.orthanc_id = i.series
+                 JOIN studies s ON s.orthanc_id = se.study WHERE s.patient = :p)""",
+            {"p": patient_orthanc_id}).fetchone()
         return dict(zip(("studies", "series", "images"), row))
 
     def status_counts(self) -> dict[str, int]:
-        rows = self._connection().execute("SELECT status, count(*) FROM images GROUP BY status")
+        rows = self._connection().execute(
+            "SELECT substr(name, 8), n FROM counters WHERE name LIKE 'status:%' AND n > 0")
         return {status: n for status, n in rows}
 
     def summary(self, where: str, args: tuple) -> dict[str, Any]:
         """Images, rendered, scored and flagged images and the highest score, under a filter
-        on the joined images/series/studies (e.g. ``se.study = ?``)."""
+        on the joined images/series (e.g. ``se.study = ?``)."""
         row = self._connection().execute(
             f"""SELECT count(*), coalesce(sum(i.status = 'rendered'), 0),
                 count(i.anomaly_score), coalesce(sum(i.flagged), 0), max(i.anomaly_score)
-            FROM {IMAGES.source} WHERE {where}""", args).fetchone()
+            FROM images i JOIN series se ON se.orthanc_id = i.series WHERE {where}""",
+            args).fetchone()
         return dict(zip(("images", "rendered", "scored", "flagged", "max_score"), row))
 
     def set_scores(self, scores: list[dict[str, Any]]) -> None:
@@ -289,10 +397,11 @@ class Index:
 
     def rendered_images(self, after: str = "", limit: int = 500) -> list[tuple[str, str, str]]:
         """(orthanc_id, png, study orthanc_id) of rendered images, in ID order after ``after``."""
+        # "+i.status": walk the primary key in order; the status index would sort every image.
         return self._connection().execute(
             """SELECT i.orthanc_id, i.png, se.study FROM images i
                JOIN series se ON se.orthanc_id = i.series
-               WHERE i.status = 'rendered' AND i.orthanc_id > ? ORDER BY i.orthanc_id LIMIT ?""",
+               WHERE +i.status = 'rendered' AND i.orthanc_id > ? ORDER BY i.orthanc_id LIMIT ?""",
             (after, limit)).fetchall()
 
     def delete(self, table: str, orthanc_id: str) -> list[str]:
@@ -306,11 +415,27 @@ class Index:
             pngs = [row[0] for row in db.execute(
                 f"SELECT i.png FROM {IMAGES.source} WHERE {under} = ? AND i.png IS NOT NULL",
                 (orthanc_id,))]
+            ancestors = self._ancestors(table, orthanc_id)
             db.execute(f"DELETE FROM {table} WHERE orthanc_id = ?", (orthanc_id,))
-            db.execute("DELETE FROM series WHERE orthanc_id NOT IN (SELECT series FROM images)")
-            db.execute("DELETE FROM studies WHERE orthanc_id NOT IN (SELECT study FROM series)")
-            db.execute("DELETE FROM patients WHERE orthanc_id NOT IN (SELECT patient FROM studies)")
+            for parent, child, column, parent_id in ancestors:  # only these can become empty
+                db.execute(f"DELETE FROM {parent} WHERE orthanc_id = ? AND NOT EXISTS "
+                           f"(SELECT 1 FROM {child} WHERE {column} = ?)", (parent_id, parent_id))
         return pngs
+
+    def _ancestors(self, table: str, orthanc_id: str) -> list[tuple[str, str, str, str]]:
+        """(parent table, child table, child column naming the parent, parent ID) of each
+        level above a resource, nearest first."""
+        found, level, current = [], table, orthanc_id
+        for parent, child, column in (("series", "images", "series"), ("studies", "series", "study"),
+                                      ("patients", "studies", "patient")):
+            if child == level:
+                row = self._connection().execute(
+                    f"SELECT {column} FROM {child} WHERE orthanc_id = ?", (current,)).fetchone()
+                if row is None:
+                    break
+                found.append((parent, child, column, row[0]))
+                level, current = parent, row[0]
+        return found
 
     def orthanc_instance_ids(self) -> set[str]:
         return {row[0] for row in self._connection().execute("SELECT orthanc_id FROM images")}

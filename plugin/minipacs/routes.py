@@ -46,6 +46,9 @@ def json_response(payload: Any, status: int = 200, **headers: str) -> Response:
                     headers=headers)
 
 
+OPENAPI = json_response(openapi.document())  # built once: it changes only with the code
+
+
 def _natural(query: Mapping[str, str], key: str, default: int, maximum: int) -> int:
     raw = query.get(key)
     if raw is None:
@@ -91,7 +94,7 @@ class Router:
         routes: list[tuple[str, Handler | dict[str, Handler]]] = [
             (r"", self.welcome),
             (r"ui", lambda q: Response(200, UI_PAGE, "text/html; charset=utf-8")),
-            (r"openapi\.json", lambda q: openapi.document()),
+            (r"openapi\.json", lambda q: OPENAPI),
             (r"ingest", self.ingest),
             (r"counts", lambda q: self.index.counts()),
             (r"anomalies", self.anomalies),
@@ -170,13 +173,13 @@ class Router:
 
     def _lister(self, level: idx.Level, name: str) -> Handler:
         def page(query):
-            where, args = "", ()
             status = query.get("status")
-            if name == "images" and status is not None:
-                if status not in idx.STATUSES:
-                    raise HttpError(400, f"'status' must be one of {', '.join(idx.STATUSES)}")
-                where, args = "i.status = ?", (status,)
-            return self._page(level, query, where, args)
+            if name != "images" or status is None:
+                return self._page(level, query, "", ())
+            if status not in idx.STATUSES:
+                raise HttpError(400, f"'status' must be one of {', '.join(idx.STATUSES)}")
+            return self._page(level, query, "i.status = ?", (status,),
+                              self.index.status_counts().get(status, 0))
         return page
 
     def _children(self, level: idx.Level, noun: str, child: idx.Level, parent_column: str) -> Handler:
@@ -185,19 +188,19 @@ class Router:
             return self._page(child, query, f"{parent_column} = ?", (parent["OrthancID"],))
         return page
 
-    def _page(self, level: idx.Level, query, where: str, args: tuple) -> dict[str, Any]:
+    def _page(self, level: idx.Level, query, where: str, args: tuple,
+              total: int | None = None) -> dict[str, Any]:
         limit, offset = paging(query)
-        items, total = self.index.page(level, limit, offset, where, args)
+        items, total = self.index.page(level, limit, offset, where, args, total)
         return {"items": items, "total": total, "limit": limit, "offset": offset}
 
     def anomalies(self, query):
         """Flagged images, most anomalous first, filtered by patient/study/series/modality and
         minimum score."""
         clauses, args = ["i.flagged = 1"], []
-        for key, column in (("patient", "p.patient_id"), ("study", "s.study_uid"),
-                            ("series", "se.series_uid"), ("modality", "se.modality")):
+        for key, clause in idx.ANOMALY_FILTERS.items():
             if query.get(key):
-                clauses.append(f"{column} = ?")
+                clauses.append(clause)
                 args.append(query[key])
         if "min_score" in query:
             try:

@@ -150,3 +150,42 @@ def test_dataset_from_the_plugin_store(tmp_path):
     assert len(originals) == n + 1 and all(r["source"].startswith(str(png_dir)) for r in originals)
     splits = patient_splits(rows)
     assert len(splits) == 4 and all(len(s) == 1 for s in splits.values())
+
+
+def test_the_classes_do_not_overlap_by_construction(tmp_path):
+    """The definitions that keep valid and invalid apart at the model's 128 pixels: a zoom out
+    pads with the image's own background, a saturated window leaves at most 0.3 % of the pixels
+    unclipped (2 % is a bone window), a message box stands out from what it covers."""
+    if not TRAIN_PYTHON.exists():
+        pytest.skip(".venv-training is missing: ./minipacs.sh test builds it")
+    check = """
+import sys
+import numpy as np
+from training.augment import AugmentConfig, zoom
+from training.invalid import broken, message_box
+from training.sources import load_dicom
+rng = np.random.default_rng(1)
+for path in sys.argv[1:]:
+    image = load_dicom(path)
+    p = image.pixels
+    border = np.median(np.concatenate([p[0], p[-1], p[:, 0], p[:, -1]]))
+    for _ in range(30):
+        pixels, params = zoom(image, rng, AugmentConfig(window_shift=0, window_scale=(1, 1), zoom=(0.7, 0.8)))
+        corner = pixels[0, 0] if abs(int(pixels[0, 0]) - border) <= 2 else pixels[-1, -1]
+        assert abs(int(corner) - border) <= 2, (pixels[0, 0], pixels[-1, -1], border)
+        out, params = broken(image, rng)
+        if params["broken"] == "saturated":
+            assert max(np.mean(out == 0), np.mean(out == 255)) >= 0.99
+        boxed, params = message_box(image, rng)
+        x, y, w, h = params["box"]
+        assert abs(params["grey"] - float(np.mean(p[y:y + h, x:x + w]))) > 50
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugin'}:{ROOT}"}
+    files = []
+    for n, ds in enumerate(synth.generate(1, seed=3, size=128, slices=2, anomalies=0)):
+        files.append(tmp_path / f"{n}.dcm")
+        files[-1].write_bytes(synth.encode(ds))
+    done = subprocess.run([str(TRAIN_PYTHON), "-c", check, *map(str, files)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -22,7 +22,9 @@ class AugmentConfig:
     window_shift: float = 0.3  # centre moves by up to this fraction of the width
     window_scale: tuple[float, float] = (0.5, 2.0)  # width multiplied by a log-uniform factor
     blur_sigma: tuple[float, float] = (0.4, 2.0)
-    zoom: tuple[float, float] = (0.6, 3.0)  # < 1 shrinks into a black border, > 1 crops
+    # < 1 shrinks into a border of the image's own background, > 1 crops. Beyond 1.6× a crop of
+    # a 128-pixel slice is a featureless blur, which is what a broken render looks like.
+    zoom: tuple[float, float] = (0.75, 1.6)
 
 
 def random_window(image: Valid, rng, cfg: AugmentConfig) -> tuple[np.ndarray, dict]:
@@ -62,7 +64,11 @@ def zoom(image: Valid, rng, cfg: AugmentConfig) -> tuple[np.ndarray, dict]:
     else:
         small = Image.fromarray(pixels).resize((max(1, int(w * factor)), max(1, int(h * factor))),
                                                Image.Resampling.BILINEAR)
-        out = Image.new(small.mode, (w, h), 0)
+        # The field of view goes on beyond the image: pad with its border's median (air), not a
+        # black frame, which around a bright radiograph draws a box like a burned-in dialog.
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        out = Image.new(small.mode, (w, h), tuple(int(v) for v in np.median(border, axis=0).ravel())
+                        if pixels.ndim == 3 else int(np.median(border)))
         y, x = int(rng.integers(0, h - small.height + 1)), int(rng.integers(0, w - small.width + 1))
         out.paste(small, (x, y))
     return np.asarray(out), {**params, "zoom": round(factor, 3)}

@@ -48,7 +48,7 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window-shift", type=float, default=0.3, help="random window: centre shift / width")
     g.add_argument("--window-scale", type=float, nargs=2, default=(0.5, 2.0), help="random window: width factor")
     g.add_argument("--blur-sigma", type=float, nargs=2, default=(0.4, 2.0))
-    g.add_argument("--zoom", type=float, nargs=2, default=(0.6, 3.0))
+    g.add_argument("--zoom", type=float, nargs=2, default=(0.75, 1.6), help="zoom factor: < 1 out, > 1 in")
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
@@ -57,7 +57,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=int, default=preprocess.DEFAULT_SIZE, help="model input size")
     g.add_argument("--epochs", type=int, default=30)
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--patience", type=int, default=4, help="early stopping on validation loss")
+    g.add_argument("--patience", type=int, default=6, help="early stopping on validation loss")
     g.add_argument("--learning-rate", type=float, default=1e-3)
 
 

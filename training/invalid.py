@@ -156,12 +156,18 @@ def message_box(image: Valid, rng) -> tuple[np.ndarray, dict]:
     img = Image.fromarray(image.pixels)
     draw = ImageDraw.Draw(img)
     w, h = img.size
-    size = max(6, int(min(w, h) * rng.uniform(0.03, 0.08)))
+    # Sizes and greys are drawn so that the box still shows once the image is shrunk to the
+    # model's input: text at least 4 % of the side, a box at least a third as wide, a fill that
+    # stands out from the pixels it covers.
+    size = max(6, int(min(w, h) * rng.uniform(0.04, 0.08)))
     font, name = random_font(rng, size)
     lines = [random_text(rng, int(rng.integers(2, 6))) for _ in range(int(rng.integers(1, 4)))]
-    bw, bh = int(w * rng.uniform(0.3, 0.8)), int(len(lines) * size * 1.5 + size * 2)
+    bw, bh = int(w * rng.uniform(0.35, 0.8)), int(len(lines) * size * 1.5 + size * 2)
     x0, y0 = int(rng.integers(0, max(1, w - bw))), int(rng.integers(0, max(1, h - bh)))
-    grey, ink = int(rng.integers(0, 256)), int(rng.integers(0, 256))
+    under = float(np.mean(image.pixels[y0:y0 + bh, x0:x0 + bw]))
+    grey = int(rng.integers(0, 256))
+    grey = grey if abs(grey - under) > 50 else int(under + 128) % 256
+    ink = int(rng.integers(0, 256))
     ink = ink if abs(ink - grey) > 60 else 255 - grey
     fill, text = ((grey,) * 3, (ink,) * 3) if img.mode == "RGB" else (grey, ink)
     draw.rectangle((x0, y0, x0 + bw, y0 + bh), fill=fill, outline=text)
@@ -179,11 +185,17 @@ def broken(image: Valid, rng) -> tuple[np.ndarray, dict]:
         out = np.full_like(pixels, 0 if kind == "black" else 255)
         noise = rng.integers(0, 4, out.shape)
         out = (out + noise if kind == "black" else out - noise).astype(np.uint8)
-    elif kind == "saturated":  # a window at the edge of the range: nearly all black or white
+    elif kind == "saturated":  # a window beyond the edge of the range: nearly all black or white
+        # At most 0.3 % of the pixels escape: at 2 % a CT under a high window still shows its
+        # bones, which is a bone window (valid), not a broken one. The window lies just past
+        # the quantile, so the many pixels equal to it (air) clip too instead of turning grey.
         values = image.values if image.values is not None else pixels.astype(np.float64)
-        edge = rng.uniform(0.0, 0.02)
-        center = float(np.quantile(values, edge if rng.random() < 0.5 else 1 - edge))
+        edge = rng.uniform(0.0, 0.003)
         width = max(2.0, float(np.ptp(values)) * rng.uniform(0.0, 0.01))
+        if rng.random() < 0.5:  # all but the darkest pixels white
+            center = float(np.quantile(values, edge)) - width / 2
+        else:  # all but the brightest black
+            center = float(np.quantile(values, 1 - edge)) + width / 2
         out = render.window_linear(values, center, width)
         params = {"window_center": round(center, 2), "window_width": round(width, 2)}
     elif kind == "corrupted_rows":

@@ -50,11 +50,12 @@ FAILURES = {idx.NO_PIXEL_DATA: 0.02, idx.RENDER_FAILED: 0.01, idx.UNREADABLE: 0.
 ANOMALOUS = 0.01  # share of the rendered images the model flags
 THRESHOLD = 0.5
 MODEL = "bench-routes"
-IMAGE_COLUMNS = ("orthanc_id", "series", "modality", "sop_uid", "sop_class_uid", "instance_number",
-                 "transfer_syntax", "status", "status_detail", "png", "rows", "columns", "frames",
-                 "rendered_frame", "photometric", "rescale_slope", "rescale_intercept",
-                 "window_center", "window_width", "window_source", "voi_function", "inverted",
-                 "decoder", "anomaly_score", "flagged", "model_version", "threshold", "scored_at")
+IMAGE_COLUMNS = ("orthanc_id", "series", "modality", "series_uid", "study_uid", "patient_id",
+                 "sop_uid", "sop_class_uid", "instance_number", "transfer_syntax", "status",
+                 "status_detail", "png", "rows", "columns", "frames", "rendered_frame",
+                 "photometric", "rescale_slope", "rescale_intercept", "window_center",
+                 "window_width", "window_source", "voi_function", "inverted", "decoder",
+                 "anomaly_score", "flagged", "model_version", "threshold", "scored_at")
 
 
 # Filling the index -------------------------------------------------------------------------
@@ -104,8 +105,8 @@ def image_rows(series_rows, sizes, rng: random.Random):
             rendered = status == idx.RENDERED
             score = (rng.uniform(THRESHOLD, 1.0) if rng.random() < ANOMALOUS
                      else rng.betavariate(1.2, 12) * THRESHOLD) if rendered else None
-            yield (orthanc_id, series_id, modality, sop_uid, MODALITIES[modality][3], n + 1,
-                   "1.2.840.10008.1.2.1", status,
+            yield (orthanc_id, series_id, modality, series_uid, study_uid, patient_id, sop_uid,
+                   MODALITIES[modality][3], n + 1, "1.2.840.10008.1.2.1", status,
                    None if rendered or status == idx.NO_PIXEL_DATA else "synthetic failure",
                    f"{orthanc_id}.png" if rendered else None,
                    512, 512, 1, 0 if rendered else None, "MONOCHROME2", 1.0, -1024.0,

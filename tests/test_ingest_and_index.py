@@ -354,6 +354,22 @@ def test_images_follow_their_series_modality(index):
     assert modalities == [("CT",), ("CT",)]
 
 
+def test_images_follow_their_parents_identifiers(index):
+    """Images copy their parents' identifiers (pages need no join); a re-sent instance that
+    spells one otherwise under the same Orthanc IDs changes it in every image under it."""
+    index.put(record(sop="1.2.3.1"))
+    kept = record(sop="1.2.3.2")
+    index.put(kept)
+    respelled = record(sop="1.2.3.1")
+    respelled.patient["patient_id"], respelled.study["study_uid"] = "P ", "1.2 "
+    respelled.series["series_uid"] = "1.2.3 "
+    index.put(respelled)
+    items, _ = index.page(idx.IMAGES, 10, 0)
+    assert [(i["PatientID"], i["StudyInstanceUID"], i["SeriesInstanceUID"]) for i in items] == [
+        ("P ", "1.2 ", "1.2.3 ")] * 2
+    assert index.get(idx.IMAGES, "1.2.3.2") == items[1]
+
+
 def test_an_older_index_gains_counters_new_indexes_and_image_modalities(tmp_path):
     import sqlite3
 
@@ -385,5 +401,7 @@ def test_an_older_index_gains_counters_new_indexes_and_image_modalities(tmp_path
     items, total = index.page(idx.FLAGGED, 10, 0, "i.flagged = 1 AND " + idx.ANOMALY_FILTERS["modality"],
                               ("MR",))
     assert total == 1 and items[0]["OrthancID"] == "i1"
+    assert (items[0]["PatientID"], items[0]["StudyInstanceUID"], items[0]["SeriesInstanceUID"],
+            items[0]["Modality"]) == ("P", "1.2", "1.2.3", "MR")
     idx.Index(tmp_path / "old.sqlite")  # opening it again changes nothing
     assert index.counts()["images"] == 2

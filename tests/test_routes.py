@@ -158,3 +158,34 @@ def test_anomalies_by_patient_study_series_and_modality(router):
             _, page = get(router, "anomalies", **{key: image[field]})
             assert (page["items"], page["total"]) == (expected, len(expected)), key
     assert get(router, "anomalies", limit=1, offset=1)[1]["items"] == everything["items"][1:2]
+
+
+def strict(body: bytes):
+    """JSON as a strict parser reads it (no NaN or Infinity)."""
+    return json.loads(body, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+
+def test_pages_written_by_sqlite_give_back_the_stored_values(router):
+    """Pages are JSON written by SQLite: floats must read back as the same float (SQLite's own
+    15 digits would not), booleans as booleans, non-finite floats and NULLs as null, and text
+    beyond ASCII as itself."""
+    _, images = get(router, "images", status="rendered")
+    scores = (0.1 + 0.2, 1 / 3, 0.5000000000000001)
+    router.index.set_scores([{"orthanc_id": image["OrthancID"], "anomaly_score": score,
+                              "flagged": score > 0.5, "model_version": "test", "threshold": 2 ** -30}
+                             for image, score in zip(images["items"], scores)])
+    with router.index._connection() as db:
+        db.execute("UPDATE images SET window_width = 9e999, rescale_slope = 1e-310")
+        db.execute("UPDATE patients SET patient_name = 'Müller^Zoë \"quoted\"\t'")
+    page = strict(router.handle("GET", "images", {"status": "rendered"}).body)
+    assert sorted(i["AnomalyScore"] for i in page["items"]) == sorted(scores)
+    for image in page["items"]:
+        assert image["Flagged"] is (image["AnomalyScore"] > 0.5) and image["Threshold"] == 2 ** -30
+        assert image["Inverted"] in (True, False) and image["WindowWidth"] is None
+        assert image["RescaleSlope"] == 1e-310
+        assert strict(router.handle("GET", f"images/{image['SOPInstanceUID']}", {}).body) == image
+    assert strict(router.handle("GET", "anomalies", {}).body)["items"][0]["AnomalyScore"] == scores[2]
+    plan = strict(router.handle("GET", "images", {"status": "no_pixel_data"}).body)["items"][0]
+    assert plan["AnomalyScore"] is plan["Flagged"] is plan["Inverted"] is None
+    patients = strict(router.handle("GET", "patients", {}).body)["items"]
+    assert {p["PatientName"] for p in patients} == {'Müller^Zoë "quoted"\t'}

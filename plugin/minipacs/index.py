@@ -3,15 +3,17 @@
 Rows are keyed by Orthanc's own IDs (so counts equal Orthanc's ``/statistics`` and a re-sent
 instance replaces its row); the DICOM identifiers are indexed for lookups. One writer (the
 ingest worker) and many readers (HTTP threads) share the file through WAL mode, each thread with
-its own connection. Queries return dicts whose keys are DICOM keywords where the value is a
-DICOM attribute, so JSON answers read like the standard.
+its own connection. A resource is answered as a JSON object whose keys are DICOM keywords where
+the value is a DICOM attribute, so answers read like the standard; SQLite writes these objects
+itself, so that a page of them reaches the HTTP answer without becoming Python objects.
 
 Every route must stay cheap with a million images: counts come from a ``counters`` table kept by
 triggers, each listing's order has an index that yields it (so a page reads ``limit + offset``
-index entries, never the whole table), and a page is chosen on its own table before the rows of
-the parents are joined.
+index entries, never the whole table), a page is chosen on its own table before the rows of the
+parents are joined, and images carry their parents' identifiers so that theirs need no join.
 """
 
+import json
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -81,7 +83,12 @@ CREATE TABLE IF NOT EXISTS images (
     threshold REAL,
     scored_at TEXT,
     indexed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-    modality TEXT  -- the series' own, copied so that anomalies by modality need no join
+    modality TEXT,  -- the series' own, copied so that anomalies by modality need no join
+    -- The parents' identifiers, copied so that a page of images needs no join (the joins cost
+    -- as much as the rest of the page).
+    series_uid TEXT,
+    study_uid TEXT,
+    patient_id TEXT
 );
 CREATE INDEX IF NOT EXISTS images_of_series ON images(series, instance_number, sop_uid, orthanc_id);
 CREATE INDEX IF NOT EXISTS images_in_order ON images(instance_number, sop_uid, orthanc_id);
@@ -98,13 +105,38 @@ CREATE TRIGGER IF NOT EXISTS series_modality AFTER UPDATE OF modality ON series
 WHEN old.modality IS NOT new.modality BEGIN
     UPDATE images SET modality = new.modality WHERE series = new.orthanc_id;
 END;
+-- An identifier changes under the same Orthanc ID only in its spelling (Orthanc's ID hashes it
+-- as Orthanc normalises it), when a re-sent instance spells it otherwise.
+CREATE TRIGGER IF NOT EXISTS series_uid_copied AFTER UPDATE OF series_uid ON series
+WHEN old.series_uid IS NOT new.series_uid BEGIN
+    UPDATE images SET series_uid = new.series_uid WHERE series = new.orthanc_id;
+END;
+CREATE TRIGGER IF NOT EXISTS study_uid_copied AFTER UPDATE OF study_uid ON studies
+WHEN old.study_uid IS NOT new.study_uid BEGIN
+    UPDATE images SET study_uid = new.study_uid
+    WHERE series IN (SELECT orthanc_id FROM series WHERE study = new.orthanc_id);
+END;
+CREATE TRIGGER IF NOT EXISTS patient_id_copied AFTER UPDATE OF patient_id ON patients
+WHEN old.patient_id IS NOT new.patient_id BEGIN
+    UPDATE images SET patient_id = new.patient_id WHERE series IN (SELECT se.orthanc_id
+        FROM series se JOIN studies s ON s.orthanc_id = se.study WHERE s.patient = new.orthanc_id);
+END;
 """
 # Indexes of older versions that the ones above replace.
 OBSOLETE_INDEXES = ("patients_by_patient_id", "studies_by_patient", "series_by_study",
                     "images_by_series", "images_by_status", "images_flagged")
+
+_FROM_IMAGE = """images i JOIN series se ON se.orthanc_id = i.series
+    JOIN studies s ON s.orthanc_id = se.study JOIN patients p ON p.orthanc_id = s.patient"""
+_FROM_SERIES = """series se JOIN studies s ON s.orthanc_id = se.study
+    JOIN patients p ON p.orthanc_id = s.patient"""
+_FROM_STUDY = "studies s JOIN patients p ON p.orthanc_id = s.patient"
+
 # What fills a column for the rows that existed before it was added.
-BACKFILL = {("images", "modality"): "UPDATE images SET modality = "
-            "(SELECT se.modality FROM series se WHERE se.orthanc_id = images.series)"}
+BACKFILL = {("images", column): f"UPDATE images SET {column} = {value} FROM {_FROM_SERIES} "
+            "WHERE se.orthanc_id = images.series"
+            for column, value in (("modality", "se.modality"), ("series_uid", "se.series_uid"),
+                                  ("study_uid", "s.study_uid"), ("patient_id", "p.patient_id"))}
 LEVELS = ("patients", "studies", "series", "images")
 
 
@@ -174,38 +206,58 @@ RENDER_FAILED = "render_failed"
 UNREADABLE = "unreadable"
 STATUSES = (RENDERED, NO_PIXEL_DATA, RENDER_FAILED, UNREADABLE)
 
-_PATIENT = """p.orthanc_id AS OrthancID, p.patient_id AS PatientID, p.patient_name AS PatientName,
-    p.birth_date AS PatientBirthDate, p.sex AS PatientSex"""
-_STUDY = """s.orthanc_id AS OrthancID, s.study_uid AS StudyInstanceUID, p.patient_id AS PatientID,
-    s.study_date AS StudyDate, s.description AS StudyDescription,
-    s.accession_number AS AccessionNumber"""
-_SERIES = """se.orthanc_id AS OrthancID, se.series_uid AS SeriesInstanceUID,
-    s.study_uid AS StudyInstanceUID, p.patient_id AS PatientID, se.modality AS Modality,
-    se.series_number AS SeriesNumber, se.description AS SeriesDescription"""
-_IMAGE = """i.orthanc_id AS OrthancID, i.sop_uid AS SOPInstanceUID, se.series_uid AS SeriesInstanceUID,
-    s.study_uid AS StudyInstanceUID, p.patient_id AS PatientID, i.sop_class_uid AS SOPClassUID,
-    i.instance_number AS InstanceNumber, i.transfer_syntax AS TransferSyntaxUID,
-    i.status AS Status, i.status_detail AS StatusDetail, i.png AS Png, i.rows AS Rows,
-    i.columns AS Columns, i.frames AS NumberOfFrames, i.rendered_frame AS RenderedFrame,
-    i.photometric AS PhotometricInterpretation, i.rescale_slope AS RescaleSlope,
-    i.rescale_intercept AS RescaleIntercept, i.window_center AS WindowCenter,
-    i.window_width AS WindowWidth, i.window_source AS WindowSource,
-    i.voi_function AS VOILUTFunction, i.inverted AS Inverted, i.decoder AS Decoder,
-    se.modality AS Modality, i.anomaly_score AS AnomalyScore, i.flagged AS Flagged,
-    i.model_version AS ModelVersion, i.threshold AS Threshold, i.scored_at AS ScoredAt,
-    i.indexed_at AS IndexedAt"""
-_FROM_IMAGE = """images i JOIN series se ON se.orthanc_id = i.series
-    JOIN studies s ON s.orthanc_id = se.study JOIN patients p ON p.orthanc_id = s.patient"""
-_FROM_SERIES = """series se JOIN studies s ON s.orthanc_id = se.study
-    JOIN patients p ON p.orthanc_id = s.patient"""
-_FROM_STUDY = "studies s JOIN patients p ON p.orthanc_id = s.patient"
+BOOLEAN, REAL = "boolean", "real"  # the kinds of column that JSON shows otherwise than SQLite
+# Each level's answer: (JSON key, SQL expression[, kind]) in the order the keys are shown.
+_PATIENT = (("OrthancID", "p.orthanc_id"), ("PatientID", "p.patient_id"),
+            ("PatientName", "p.patient_name"), ("PatientBirthDate", "p.birth_date"),
+            ("PatientSex", "p.sex"))
+_STUDY = (("OrthancID", "s.orthanc_id"), ("StudyInstanceUID", "s.study_uid"),
+          ("PatientID", "p.patient_id"), ("StudyDate", "s.study_date"),
+          ("StudyDescription", "s.description"), ("AccessionNumber", "s.accession_number"))
+_SERIES = (("OrthancID", "se.orthanc_id"), ("SeriesInstanceUID", "se.series_uid"),
+           ("StudyInstanceUID", "s.study_uid"), ("PatientID", "p.patient_id"),
+           ("Modality", "se.modality"), ("SeriesNumber", "se.series_number"),
+           ("SeriesDescription", "se.description"))
+_IMAGE = (("OrthancID", "i.orthanc_id"), ("SOPInstanceUID", "i.sop_uid"),
+          ("SeriesInstanceUID", "i.series_uid"), ("StudyInstanceUID", "i.study_uid"),
+          ("PatientID", "i.patient_id"), ("SOPClassUID", "i.sop_class_uid"),
+          ("InstanceNumber", "i.instance_number"), ("TransferSyntaxUID", "i.transfer_syntax"),
+          ("Status", "i.status"), ("StatusDetail", "i.status_detail"), ("Png", "i.png"),
+          ("Rows", "i.rows"), ("Columns", "i.columns"), ("NumberOfFrames", "i.frames"),
+          ("RenderedFrame", "i.rendered_frame"), ("PhotometricInterpretation", "i.photometric"),
+          ("RescaleSlope", "i.rescale_slope", REAL),
+          ("RescaleIntercept", "i.rescale_intercept", REAL),
+          ("WindowCenter", "i.window_center", REAL), ("WindowWidth", "i.window_width", REAL),
+          ("WindowSource", "i.window_source"), ("VOILUTFunction", "i.voi_function"),
+          ("Inverted", "i.inverted", BOOLEAN), ("Decoder", "i.decoder"),
+          ("Modality", "i.modality"), ("AnomalyScore", "i.anomaly_score", REAL),
+          ("Flagged", "i.flagged", BOOLEAN), ("ModelVersion", "i.model_version"),
+          ("Threshold", "i.threshold", REAL), ("ScoredAt", "i.scored_at"),
+          ("IndexedAt", "i.indexed_at"))
+
+
+def _json_value(sql: str, kind: str = "") -> str:
+    """A column as a JSON value that reads back as the value stored: SQLite has no booleans,
+    and writes a REAL with 15 significant digits, too few to read back the same float (17 are
+    enough, and ``json()`` makes the text a number). JSON has no infinity: it becomes null."""
+    if kind == BOOLEAN:
+        return f"json(CASE WHEN {sql} THEN 'true' WHEN NOT {sql} THEN 'false' END)"
+    if kind == REAL:
+        return (f"CASE WHEN abs({sql}) <= 1.7976931348623157e308 "
+                f"THEN json(printf('%!.17g', {sql})) END")
+    return sql
+
+
+def _json_object(columns: tuple[tuple[str, ...], ...]) -> str:
+    """The SQL expression of a row as one JSON object, its keys in the order of ``columns``."""
+    return "json_object(" + ", ".join(f"'{key}', {_json_value(*rest)}" for key, *rest in columns) + ")"
 
 
 @dataclass(frozen=True)
 class Level:
     """One level of the hierarchy: how to select, list and look it up."""
 
-    columns: str
+    columns: str  # one JSON object per row (see _json_object)
     source: str
     uid: str  # the DICOM identifier column
     order: str  # an index yields it (see SCHEMA)
@@ -220,14 +272,16 @@ class Level:
         return self.table.split()[1]
 
 
-PATIENTS = Level(_PATIENT, "patients p", "p.patient_id", "p.patient_id, p.orthanc_id", "patients p")
-STUDIES = Level(_STUDY, _FROM_STUDY, "s.study_uid", "s.study_date, s.study_uid, s.orthanc_id",
-                "studies s")
-SERIES = Level(_SERIES, _FROM_SERIES, "se.series_uid",
+PATIENTS = Level(_json_object(_PATIENT), "patients p", "p.patient_id", "p.patient_id, p.orthanc_id",
+                 "patients p")
+STUDIES = Level(_json_object(_STUDY), _FROM_STUDY, "s.study_uid",
+                "s.study_date, s.study_uid, s.orthanc_id", "studies s")
+SERIES = Level(_json_object(_SERIES), _FROM_SERIES, "se.series_uid",
                "se.series_number, se.series_uid, se.orthanc_id", "series se")
-IMAGES = Level(_IMAGE, _FROM_IMAGE, "i.sop_uid", "i.instance_number, i.sop_uid, i.orthanc_id",
-               "images i")
-FLAGGED = Level(_IMAGE, _FROM_IMAGE, "i.sop_uid", "i.anomaly_score DESC, i.orthanc_id", "images i")
+IMAGES = Level(_json_object(_IMAGE), "images i", "i.sop_uid",
+               "i.instance_number, i.sop_uid, i.orthanc_id", "images i")
+FLAGGED = Level(IMAGES.columns, "images i", "i.sop_uid", "i.anomaly_score DESC, i.orthanc_id",
+                "images i")
 
 # Filters of flagged images by a parent's identifier or the modality, naming ``i`` alone (see
 # Index.page); the parents' series are found first, then their images by index.
@@ -295,7 +349,8 @@ class Index:
         study = dict(record.study, patient=record.patient["orthanc_id"])
         series = dict(record.series, study=record.study["orthanc_id"])
         image = dict(record.image, series=record.series["orthanc_id"],
-                     modality=record.series.get("modality"))
+                     modality=record.series.get("modality"), series_uid=record.series["series_uid"],
+                     study_uid=record.study["study_uid"], patient_id=record.patient["patient_id"])
         with self._connection() as db:
             db.execute(_upsert("patients", record.patient), record.patient)
             db.execute(_upsert("studies", study), study)
@@ -307,26 +362,24 @@ class Index:
     def _all(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
         cursor = self._connection().execute(sql, args)
         names = [column[0] for column in cursor.description]
-        rows = [dict(zip(names, row)) for row in cursor]
-        for key in {"Inverted", "Flagged"}.intersection(names):  # SQLite has no booleans
-            for row in rows:
-                if row[key] is not None:
-                    row[key] = bool(row[key])
-        return rows
+        return [dict(zip(names, row)) for row in cursor]
 
     def _scalar(self, sql: str, args: tuple = ()) -> Any:
         return self._connection().execute(sql, args).fetchone()[0]
 
+    def _object(self, sql: str, args: tuple) -> dict[str, Any] | None:
+        """The first row of a query of one JSON object (a level's ``columns``), as a dict."""
+        row = self._connection().execute(sql, args).fetchone()
+        return None if row is None else json.loads(row[0])
+
     def get(self, level: Level, uid: str) -> dict[str, Any] | None:
         """The resource whose DICOM identifier is ``uid`` (the first, should several share it)."""
-        rows = self._all(f"SELECT {level.columns} FROM {level.source} WHERE {level.uid} = ? "
-                         f"ORDER BY {level.order} LIMIT 1", (uid,))
-        return rows[0] if rows else None
+        return self._object(f"SELECT {level.columns} FROM {level.source} WHERE {level.uid} = ? "
+                            f"ORDER BY {level.order} LIMIT 1", (uid,))
 
     def image_by_orthanc_id(self, orthanc_id: str) -> dict[str, Any] | None:
-        rows = self._all(f"SELECT {IMAGES.columns} FROM {IMAGES.source} WHERE i.orthanc_id = ?",
-                         (orthanc_id,))
-        return rows[0] if rows else None
+        return self._object(f"SELECT {IMAGES.columns} FROM {IMAGES.source} WHERE i.orthanc_id = ?",
+                            (orthanc_id,))
 
     def image_info(self, orthanc_id: str) -> dict[str, Any] | None:
         """The predecessor's ``/imageinfo`` answer: what a PNG shows and how it was made."""
@@ -335,13 +388,14 @@ class Index:
                 i.rescale_intercept AS RescaleIntercept, i.rescale_slope AS RescaleSlope,
                 se.description AS SeriesDescription, s.description AS StudyDescription,
                 i.window_center AS WindowCenter, i.window_width AS WindowWidth
-            FROM {IMAGES.source} WHERE i.orthanc_id = ?""", (orthanc_id,))
+            FROM {_FROM_IMAGE} WHERE i.orthanc_id = ?""", (orthanc_id,))
         return rows[0] if rows else None
 
-    def page(self, level: Level, limit: int, offset: int, where: str = "", args: tuple = (),
-             total: int | None = None) -> tuple[list[dict[str, Any]], int]:
-        """One page of a level, optionally filtered by ``where`` on the level's own table, and
-        the total count (``total`` where the caller has it from the counters).
+    def page_json(self, level: Level, limit: int, offset: int, where: str = "", args: tuple = (),
+                  total: int | None = None) -> tuple[str, int]:
+        """One page of a level as the text of a JSON array, written by SQLite (so a route
+        sends it as it is), optionally filtered by ``where`` on the level's own table, and the
+        total count (``total`` where the caller has it from the counters).
 
         The page is chosen on the level's table alone, so the rows skipped by the offset cost
         an index entry each, not a join with every parent."""
@@ -351,10 +405,16 @@ class Index:
                      else self.counts()[level.name])
         keys = (f"SELECT {level.alias}.rowid AS k FROM {level.table} {clause} "
                 f"ORDER BY {level.order} LIMIT ? OFFSET ?")
-        items = self._all(f"SELECT {level.columns} FROM ({keys}) page CROSS JOIN {level.source} "
-                          f"WHERE {level.alias}.rowid = page.k ORDER BY {level.order}",
-                          args + (limit, offset))
-        return items, total
+        rows = self._connection().execute(
+            f"SELECT {level.columns} FROM ({keys}) page CROSS JOIN {level.source} "
+            f"WHERE {level.alias}.rowid = page.k ORDER BY {level.order}", args + (limit, offset))
+        return "[" + ",".join(item for item, in rows) + "]", total
+
+    def page(self, level: Level, limit: int, offset: int, where: str = "", args: tuple = (),
+             total: int | None = None) -> tuple[list[dict[str, Any]], int]:
+        """:meth:`page_json` as dicts."""
+        items, total = self.page_json(level, limit, offset, where, args, total)
+        return json.loads(items), total
 
     def counts(self) -> dict[str, int]:
         found = dict(self._connection().execute(
@@ -413,7 +473,7 @@ class Index:
                  "series": "se.orthanc_id", "images": "i.orthanc_id"}[table]
         with self._connection() as db:
             pngs = [row[0] for row in db.execute(
-                f"SELECT i.png FROM {IMAGES.source} WHERE {under} = ? AND i.png IS NOT NULL",
+                f"SELECT i.png FROM {_FROM_IMAGE} WHERE {under} = ? AND i.png IS NOT NULL",
                 (orthanc_id,))]
             ancestors = self._ancestors(table, orthanc_id)
             db.execute(f"DELETE FROM {table} WHERE orthanc_id = ?", (orthanc_id,))

@@ -46,6 +46,13 @@ def json_response(payload: Any, status: int = 200, **headers: str) -> Response:
                     headers=headers)
 
 
+def page_response(items: str, **fields: Any) -> Response:
+    """A page whose items are JSON text already (written by SQLite), put into the answer as
+    they are: parsing and writing them again would cost more than the query."""
+    rest = json.dumps(fields, ensure_ascii=True)
+    return Response(200, f'{{"items": {items}, {rest[1:]}'.encode())
+
+
 OPENAPI = json_response(openapi.document())  # built once: it changes only with the code
 
 
@@ -189,10 +196,10 @@ class Router:
         return page
 
     def _page(self, level: idx.Level, query, where: str, args: tuple,
-              total: int | None = None) -> dict[str, Any]:
+              total: int | None = None) -> Response:
         limit, offset = paging(query)
-        items, total = self.index.page(level, limit, offset, where, args, total)
-        return {"items": items, "total": total, "limit": limit, "offset": offset}
+        items, total = self.index.page_json(level, limit, offset, where, args, total)
+        return page_response(items, total=total, limit=limit, offset=offset)
 
     def anomalies(self, query):
         """Flagged images, most anomalous first, filtered by patient/study/series/modality and
@@ -212,9 +219,10 @@ class Router:
             clauses.append("i.anomaly_score >= ?")
             args.append(minimum)
         limit, offset = paging(query)
-        items, total = self.index.page(idx.FLAGGED, limit, offset, " AND ".join(clauses), tuple(args))
-        return {"items": items, "total": total, "limit": limit, "offset": offset,
-                "model": self.models.describe()}
+        items, total = self.index.page_json(idx.FLAGGED, limit, offset, " AND ".join(clauses),
+                                            tuple(args))
+        return page_response(items, total=total, limit=limit, offset=offset,
+                             model=self.models.describe())
 
     def image_score(self, query, uid):
         image = self._found(idx.IMAGES, "image", uid)

@@ -99,7 +99,7 @@ BENCHES = {
                     routes_rows),
     "training": Bench("training.py", (), ("--images", "256", "--epochs", "2"), training_rows,
                       TRAINING_PYTHON),
-    "memory": Bench("memory.py", ("--calls", "20000", "--ingests", "1000"),
+    "memory": Bench("memory.py", ("--calls", "100000", "--ingests", "10000"),
                     ("--calls", "600", "--ingests", "50"), memory_rows),
 }
 

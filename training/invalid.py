@@ -68,17 +68,26 @@ def random_text(rng, words: int) -> str:
 
 
 def picture(rng, choices=None) -> tuple[np.ndarray, dict]:
-    """A random crop of a packaged picture (among ``choices``), or a drawn landscape photograph."""
+    """A random view of a packaged picture (among ``choices``), or a drawn landscape photograph.
+
+    The packages ship few pictures, so each is seen many ways: a crop of 30–100 % of each side,
+    one of the 8 orientations, and another exposure (a gamma), as a photograph would differ."""
     choices = package_pictures() if choices is None else choices
     pick = int(rng.integers(len(choices) + 1))
     if pick == len(choices):
         return synth.photograph(rng), {"picture": "synth.photograph"}
     pixels = picture_pixels(choices[pick])
     h, w = pixels.shape[:2]
-    scale = rng.uniform(0.5, 1.0)
+    scale = rng.uniform(0.3, 1.0)
     ch, cw = max(8, int(h * scale)), max(8, int(w * scale))
     y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    return pixels[y:y + ch, x:x + cw], {"picture": choices[pick].name, "crop": [y, x, ch, cw]}
+    k, flip = divmod(int(rng.integers(8)), 2)
+    crop = pixels[y:y + ch, x:x + cw]
+    view = np.rot90(crop[:, ::-1] if flip else crop, k)
+    gamma = float(np.exp(rng.uniform(np.log(0.6), np.log(1.6))))
+    exposed = (255 * (view / 255.0) ** gamma).astype(np.uint8)
+    return np.ascontiguousarray(exposed), {"picture": choices[pick].name, "crop": [y, x, ch, cw],
+                                           "rot90": k, "flip": bool(flip), "gamma": round(gamma, 3)}
 
 
 def texture(rng, size: int = 256) -> tuple[np.ndarray, dict]:

@@ -139,7 +139,8 @@ class MiniPacs:
         self.models.try_load()
         if self.models.error:
             log.warning("scoring is off: %s", self.models.error)
-        self.worker = Worker(self.process, config.queue_size, config.workers)
+        self.worker = Worker(self.process, config.queue_size, config.workers,
+                             defer=config.defer_while_storing)
         self.stopping = threading.Event()
         rescorer = Rescorer(self.index, config.png_directory, self.models, self.lookup.publish)
         self.router = Router(self.index, config.png_directory, self.worker.stats, self.models,
@@ -165,11 +166,11 @@ class MiniPacs:
                 reconcile(self.index, config.png_directory, set(rest_get("/instances")),
                           self.worker.submit)
 
-    def on_stored_instance(self, dicom, instance_id: str) -> None:
-        self.worker.submit(instance_id)
-
     def on_change(self, change_type, level, resource_id) -> None:
-        if change_type == orthanc.ChangeType.DELETED and level in LEVELS:
+        # Orthanc signals changes from a thread of its own, after the store: never in its way.
+        if change_type == orthanc.ChangeType.NEW_INSTANCE:
+            self.worker.stored(resource_id)
+        elif change_type == orthanc.ChangeType.DELETED and level in LEVELS:
             remove(self.index, self.config.png_directory, LEVELS[level], resource_id)
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             threading.Thread(target=self.keep_reconciled, name="minipacs-reconcile", daemon=True).start()
@@ -188,7 +189,6 @@ class MiniPacs:
 
     def register(self) -> None:
         self.worker.start()
-        orthanc.RegisterOnStoredInstanceCallback(self.on_stored_instance)
         orthanc.RegisterOnChangeCallback(self.on_change)
         for uri in ("/minipacs", "/minipacs/(.*)"):
             orthanc.RegisterRestCallback(uri, self.on_rest)

@@ -12,6 +12,7 @@ def test_defaults_live_under_the_data_directory(tmp_path):
     assert config.database == tmp_path / "minipacs-data" / "index.sqlite"
     assert config.png_compress_level == 1
     assert config.reconcile_on_start is True
+    assert config.defer_while_storing == 10
 
 
 def test_paths_are_resolved_against_the_base_and_absolute_paths_kept(tmp_path):
@@ -27,6 +28,8 @@ def test_paths_are_resolved_against_the_base_and_absolute_paths_kept(tmp_path):
     ({"PngCompressLevel": 4}, "within 0..3"),
     ({"PngCompressLevel": True}, "PngCompressLevel must be of type int"),
     ({"QueueSize": 0}, "at least 1"),
+    ({"DeferWhileStoring": -1}, "DeferWhileStoring must be within 0..3600"),
+    ({"DeferWhileStoring": 0.5}, "DeferWhileStoring must be of type int"),
     ({"ReconcileOnStart": 1}, "ReconcileOnStart must be of type bool"),
     ({"DataDirectory": 3}, "DataDirectory must be of type str"),
     ({"Colour": "blue"}, "unknown MiniPacs option(s): Colour"),

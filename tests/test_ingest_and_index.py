@@ -306,6 +306,71 @@ def test_several_worker_threads_share_the_queue():
     assert len({name for _, name in seen}) > 1 and worker.stats()["processed"] == 30
 
 
+def _store_burst(worker, names, every: float) -> tuple[float, float]:
+    """Tell the worker that Orthanc stored ``names``, one every ``every`` seconds; the burst's
+    start and end (monotonic)."""
+    start = time.monotonic()
+    for name in names:
+        worker.stored(name)
+        time.sleep(every)
+    return start, time.monotonic()
+
+
+def test_the_worker_waits_while_orthanc_stores_a_burst_then_catches_up():
+    handled = []
+    worker = Worker(lambda ids: handled.append((time.monotonic(), list(ids))), queue_size=100,
+                    batch=50, defer=30, burst=3, burst_window=0.3)
+    worker.start()
+    _, end = _store_burst(worker, [str(n) for n in range(20)], every=0.02)
+    assert worker.stats()["deferring"] is True
+    wait_until(lambda: worker.stats()["idle"])
+    worker.stop()
+    # Nothing once the burst is seen (its first two instances may go before), then one batch.
+    early = sum((ids for at, ids in handled if at < end), [])
+    assert set(early) <= {"0", "1"} and len(handled) - len(early) == 1
+    assert sorted(sum((ids for _, ids in handled), []), key=int) == [str(n) for n in range(20)]
+    assert worker.stats()["deferred_s"] > 0.3
+    assert worker.stats()["deferring"] is False
+
+
+def test_a_trickle_of_instances_is_not_deferred():
+    handled = []
+    worker = Worker(lambda ids: handled.append((time.monotonic(), ids)), queue_size=100,
+                    defer=30, burst=3, burst_window=0.3)
+    worker.start()
+    for name in ("a", "b", "c"):
+        sent = time.monotonic()
+        worker.stored(name)
+        wait_until(lambda: len(handled) == "abc".index(name) + 1)
+        assert handled[-1][0] - sent < 0.3
+        time.sleep(0.35)  # slower than 3 per burst window
+    worker.stop()
+
+
+def test_a_long_burst_is_deferred_only_for_so_long_then_the_worker_catches_up():
+    handled = []
+    worker = Worker(lambda ids: handled.extend(ids), queue_size=1000, batch=4,
+                    defer=1, burst=3, burst_window=0.5)
+    worker.start()
+    start, end = _store_burst(worker, [str(n) for n in range(150)], every=0.02)
+    caught_up_while_storing = len(handled)
+    wait_until(lambda: worker.stats()["idle"])
+    worker.stop()
+    assert end - start > 2.5 and caught_up_while_storing > 50
+    assert sorted(handled, key=int) == [str(n) for n in range(150)]
+
+
+def test_without_defer_the_worker_starts_at_once():
+    handled = []
+    worker = Worker(lambda ids: handled.extend(ids), queue_size=100, defer=0, burst=3,
+                    burst_window=10)
+    worker.start()
+    _store_burst(worker, [str(n) for n in range(10)], every=0.0)
+    wait_until(lambda: len(handled) == 10, seconds=2)
+    assert worker.stats()["deferring"] is False and worker.stats()["deferred_s"] == 0
+    worker.stop()
+
+
 def record(patient="P", study="1.2", series="1.2.3", sop="1.2.3.4", modality="CT",
            status=idx.RENDERED):
     """A minimal instance, placed where Orthanc would put it."""

@@ -23,6 +23,7 @@ class Config:
     window_index: int
     queue_size: int
     workers: int
+    defer_while_storing: int
     reconcile_on_start: bool
     reconcile_interval: int
     model_path: Path | None
@@ -38,6 +39,7 @@ _DEFAULTS: dict[str, Any] = {
     "WindowIndex": 0,
     "QueueSize": 100000,
     "Workers": 2,
+    "DeferWhileStoring": 10,
     "ReconcileOnStart": True,
     "ReconcileInterval": 60,
     "ModelPath": None,  # the shipped model; "" turns scoring off
@@ -94,6 +96,9 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
     workers = _typed(options, "Workers", int)
     if not 1 <= workers <= 16:
         raise ConfigError(f"{SECTION}.Workers must be within 1..16, not {workers}")
+    defer = _typed(options, "DeferWhileStoring", int)
+    if not 0 <= defer <= 3600:
+        raise ConfigError(f"{SECTION}.DeferWhileStoring must be within 0..3600 seconds, not {defer}")
     queue_size = _typed(options, "QueueSize", int)
     if queue_size < 1:
         raise ConfigError(f"{SECTION}.QueueSize must be at least 1, not {queue_size}")
@@ -105,6 +110,7 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
         window_index=window_index,
         queue_size=queue_size,
         workers=workers,
+        defer_while_storing=defer,
         reconcile_on_start=_typed(options, "ReconcileOnStart", bool),
         reconcile_interval=interval,
         model_path=DEFAULT_MODEL if model is None else (base / model if model else None),

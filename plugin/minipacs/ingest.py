@@ -5,6 +5,7 @@ so the callback only queues the instance ID; a :class:`Worker` thread fetches th
 :func:`ingest`. Every outcome is recorded as a status: the worker never raises into Orthanc.
 """
 
+import collections
 import contextlib
 import io
 import logging
@@ -255,15 +256,21 @@ class Worker:
     release the GIL, so two threads use two cores well."""
 
     def __init__(self, handle: Callable[[list[str]], Any], queue_size: int, threads: int = 1,
-                 batch: int = 16):
+                 batch: int = 16, defer: float = 0.0, burst: int = 3, burst_window: float = 0.03):
         self._handle = handle
         self._batch = batch
         self._queue: queue.Queue[str | None] = queue.Queue(queue_size)
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._counts = {"processed": 0, "failed": 0, "dropped": 0}
+        self._counts = {"processed": 0, "failed": 0, "dropped": 0, "deferred_s": 0.0}
         self._threads = [threading.Thread(target=self._run, name=f"minipacs-ingest-{n}", daemon=True)
                          for n in range(threads)]
+        # Storing first: while Orthanc stores a burst (``burst`` instances within
+        # ``burst_window`` seconds), the threads wait, for at most ``defer`` seconds; past that
+        # they catch up with the whole queue before waiting again.
+        self._defer, self._burst_window = defer, burst_window
+        self._arrivals: collections.deque[float] = collections.deque(maxlen=burst)
+        self._catching_up = False
 
     def start(self) -> None:
         for thread in self._threads:
@@ -279,6 +286,12 @@ class Worker:
             log.error("ingest queue full: instance %s is left for the next reconciliation",
                       instance_id)
             return False
+
+    def stored(self, instance_id: str) -> bool:
+        """Orthanc has just stored this instance: queue it, and note the arrival, so that the
+        threads leave the CPU to Orthanc while a burst of instances is being stored."""
+        self._arrivals.append(time.monotonic())
+        return self.submit(instance_id)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the instances in hand, then stop; what is still queued waits for reconciliation."""
@@ -297,21 +310,49 @@ class Worker:
             counts = dict(self._counts)
         # unfinished_tasks counts the instances in hand too, so "idle" means all caught up.
         pending = self._queue.unfinished_tasks
-        return {**counts, "queued": pending, "idle": pending == 0}
+        return {**counts, "queued": pending, "idle": pending == 0,
+                "deferring": bool(self._defer and self._storing_burst()) and not self._catching_up}
 
-    def _count(self, key: str, n: int = 1) -> None:
+    def _count(self, key: str, n: float = 1) -> None:
         with self._lock:
             self._counts[key] += n
 
     def _take(self) -> list[str | None]:
         """The next ID, waiting for it, and up to ``batch - 1`` more that are already queued."""
         taken = [self._queue.get()]
+        self._wait_for_storing()
         while len(taken) < self._batch and taken[-1] is not None:
             try:
                 taken.append(self._queue.get_nowait())
             except queue.Empty:
                 break
         return taken
+
+    def _storing_burst(self) -> float:
+        """Seconds until the current storing burst can end (0 when there is none)."""
+        arrivals = self._arrivals
+        if len(arrivals) < (arrivals.maxlen or 0):
+            return 0.0
+        left = arrivals[0] + self._burst_window - time.monotonic()
+        return max(0.0, left)
+
+    def _wait_for_storing(self) -> None:
+        """Leave the CPU to Orthanc while it stores a burst, for at most ``defer`` seconds.
+
+        Measured (bench/ingest.py): any CPU work beside a burst of uploads, even another
+        process's at the lowest priority, slows storing by 15-30 % on a 2-core machine, while
+        rendering after the burst costs the same CPU. Past ``defer`` the threads catch up with
+        the whole queue, so the index never lags a long burst by more than about that."""
+        if not self._defer or self._catching_up:
+            return
+        start = time.monotonic()
+        while (left := self._storing_burst()) and not self._stop.is_set():
+            waited = time.monotonic() - start
+            if waited >= self._defer:
+                self._catching_up = True
+                break
+            time.sleep(min(left, self._defer - waited) + 0.001)
+        self._count("deferred_s", time.monotonic() - start)
 
     def _run(self) -> None:
         # Orthanc's own threads (storing, answering) come first: the worker takes the CPU they
@@ -325,6 +366,8 @@ class Worker:
             finally:
                 for _ in taken:
                     self._queue.task_done()
+                if self._queue.unfinished_tasks == 0:
+                    self._catching_up = False
 
     def _process(self, instance_ids: list[str]) -> None:
         if not instance_ids:

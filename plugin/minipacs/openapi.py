@@ -65,9 +65,10 @@ SCHEMAS = {
                         Total={"type": "integer"}, Done={"type": "integer"},
                         Flagged={"type": "integer"}, Failed={"type": "integer"}),
     "Ingest": _object(["worker", "statuses"], worker=_object(
-        ["queued", "processed", "failed", "dropped", "idle"], queued={"type": "integer"},
-        processed={"type": "integer"}, failed={"type": "integer"}, dropped={"type": "integer"},
-        idle={"type": "boolean"}), statuses={"type": "object"}),
+        ["queued", "processed", "failed", "dropped", "idle", "deferring", "deferred_s"],
+        queued={"type": "integer"}, processed={"type": "integer"}, failed={"type": "integer"},
+        dropped={"type": "integer"}, idle={"type": "boolean"}, deferring={"type": "boolean"},
+        deferred_s={"type": "number"}), statuses={"type": "object"}),
     "Welcome": _object(["name", "version", "counts"], name=_STRING, version=_STRING,
                        message=_STRING, counts={"$ref": "#/components/schemas/Counts"},
                        model={"$ref": "#/components/schemas/Model"}, orthanc={"type": "object"}),

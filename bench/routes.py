@@ -9,8 +9,8 @@ creates), so Orthanc stores only a few real instances: reconciliation is switche
 plugin would forget the rows Orthanc does not have. Every route is asked ``--requests`` times
 with random identifiers that exist, by one keep-alive client (which, like any, accepts the gzip
 that Orthanc applies to large answers), in rounds of all routes in random order, so the
-machine's other work hits every route alike. Pages have the default limit (100) but for
-/anomalies?min_score (20), at random offsets within the first 100 pages.
+machine's other work hits every route alike. Pages have the default limit (25), but for
+/anomalies?min_score (20) and /images?limit=100, at random offsets within the first 100 pages.
 Target: the p99 of every minipacs route ≤ the p99 of Orthanc's /patients/{id}.
 """
 
@@ -173,7 +173,7 @@ def write_pngs(directory: Path, rendered: list[tuple[str, str]]) -> None:
 
 def routes(ids: dict[str, list], counts: dict[str, int], orthanc_patients: list[str]) -> dict:
     """Route name → a function of a Random giving the path to ask."""
-    def offset(r: random.Random, total: int, limit: int = 100) -> int:
+    def offset(r: random.Random, total: int, limit: int = 25) -> int:
         return 0 if total <= limit else r.randrange(0, min(total - limit, 100 * limit))
 
     def by_status(r: random.Random) -> str:
@@ -197,6 +197,7 @@ def routes(ids: dict[str, list], counts: dict[str, int], orthanc_patients: list[
         "/anomalies?modality": lambda r: f"/minipacs/anomalies?modality={r.choice(list(MODALITIES))}",
         "/anomalies?min_score": lambda r: f"/minipacs/anomalies?min_score={r.uniform(0.5, 1):.3f}&limit=20",
         "/images?status": by_status,
+        "/images?limit=100": lambda r: f"/minipacs/images?limit=100&offset={100 * r.randrange(100)}",
         "/imageinfo/{id}.png": lambda r: f"/minipacs/imageinfo/{one['image'](r)[1]}.png",
         "/images/{uid}/png": lambda r: f"/minipacs/images/{one['rendered'](r)[0]}/png",
         "/images/{uid}/score": lambda r: f"/minipacs/images/{one['rendered'](r)[0]}/score",

@@ -435,6 +435,35 @@ def test_images_follow_their_parents_identifiers(index):
     assert index.get(idx.IMAGES, "1.2.3.2") == items[1]
 
 
+def stale_items(index) -> list:
+    """Images whose stored JSON answer differs from their columns' as written now."""
+    return index._connection().execute(
+        f"SELECT orthanc_id FROM images WHERE item IS NOT {idx._image_json('images')}").fetchall()
+
+
+def test_each_image_keeps_its_json_answer_through_every_write(tmp_path, index):
+    for n in range(3):
+        index.put(record(sop=f"1.2.3.{n}"))
+    index.put(record(sop="1.2.3.0", status=idx.RENDER_FAILED, modality="MR"))  # re-sent
+    image = index.get(idx.IMAGES, "1.2.3.1")
+    index.set_scores([{"orthanc_id": image["OrthancID"], "anomaly_score": 0.1 + 0.2,
+                       "flagged": 1, "model_version": "m", "threshold": 0.5}])
+    respelled = record(sop="1.2.3.2")
+    respelled.patient["patient_id"] = "P "
+    index.put(respelled)
+    assert stale_items(index) == []
+    rescored = index.get(idx.IMAGES, "1.2.3.1")
+    assert (rescored["AnomalyScore"], rescored["Flagged"]) == (0.1 + 0.2, True)
+    assert {i["PatientID"] for i in index.page(idx.IMAGES, 10, 0)[0]} == {"P "}
+    # An index made before images kept their answer gets it for every row on opening.
+    index._connection().executescript(
+        "DROP TRIGGER images_item_insert; DROP TRIGGER images_item_update; "
+        "ALTER TABLE images DROP COLUMN item;")
+    index.close()
+    reopened = idx.Index(index.path)
+    assert stale_items(reopened) == [] and reopened.get(idx.IMAGES, "1.2.3.1") == rescored
+
+
 def test_an_older_index_gains_counters_new_indexes_and_image_modalities(tmp_path):
     import sqlite3
 

@@ -140,7 +140,7 @@ def test_pages_keep_the_order_at_every_offset(router):
 def test_images_by_status_have_their_total(router):
     _, rendered = get(router, "images", status="rendered")
     assert rendered["total"] == len(rendered["items"]) == 3
-    assert get(router, "images", status="unreadable")[1] == {"items": [], "total": 0, "limit": 100,
+    assert get(router, "images", status="unreadable")[1] == {"items": [], "total": 0, "limit": 25,
                                                              "offset": 0}
 
 

@@ -85,7 +85,8 @@ def _page(item: str) -> dict:
                    offset={"type": "integer"}, model=_ref("Model"))
 
 
-PAGING = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+PAGING = [{"name": "limit", "in": "query",
+           "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 25}},
           {"name": "offset", "in": "query",
            "schema": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000}}]
 # Orthanc turns "\" into "/" and drops "." and ".." segments before any plugin sees the path,

@@ -18,7 +18,9 @@ from . import openapi
 from .rescore import Busy, Rescorer
 from .scoring import ModelError, ModelSlot
 
-DEFAULT_LIMIT = 100
+# 25 rows: a page then costs about what a single resource does (bench/routes.py); ask more
+# with ?limit= (a page of 100 costs ~2× Orthanc's /patients/{id}, mostly its gzip).
+DEFAULT_LIMIT = 25
 MAX_LIMIT = 1000
 log = logging.getLogger("minipacs")
 UI_PAGE = (Path(__file__).parent / "ui.html").read_bytes()
@@ -69,7 +71,7 @@ def _natural(query: Mapping[str, str], key: str, default: int, maximum: int) -> 
 
 
 def paging(query: Mapping[str, str]) -> tuple[int, int]:
-    """``limit`` (1..1000, default 100) and ``offset`` (default 0) from the query string."""
+    """``limit`` (1..1000, default 25) and ``offset`` (default 0) from the query string."""
     limit = _natural(query, "limit", DEFAULT_LIMIT, MAX_LIMIT)
     if limit == 0:
         raise HttpError(400, "'limit' must be at least 1")

@@ -49,7 +49,9 @@ def ingest_rows(r: dict) -> list[Row]:
              f"{upload:.2f} ({r['plugin_upload_per_s']:.0f}/s vs {r['bare_upload_per_s']:.0f}/s)",
              "≥ 0.9", upload >= 0.9),
             ("ingest, end to end (rendered, scored, indexed) / bare upload rate",
-             f"{end_to_end:.2f} ({r['plugin_end_to_end_per_s']:.0f}/s)", "≥ 0.6", end_to_end >= 0.6)]
+             f"{end_to_end:.2f} ({r['plugin_end_to_end_per_s']:.0f}/s)", "≥ 0.6", end_to_end >= 0.6),
+            ("ingest with DeferWhileStoring 0: upload / end-to-end ratios",
+             f"{r['no_defer_upload_ratio']:.2f} / {r['no_defer_end_to_end_ratio']:.2f}", "—", None)]
 
 
 def latency_rows(r: dict) -> list[Row]:

@@ -1,8 +1,9 @@
 """The ingest pipeline: one stored instance → PNG + index rows + status, off Orthanc's store path.
 
-Orthanc calls OnStoredInstance synchronously in the thread that stores the file, under the GIL,
-so the callback only queues the instance ID; a :class:`Worker` thread fetches the file and runs
-:func:`ingest`. Every outcome is recorded as a status: the worker never raises into Orthanc.
+Orthanc's change notification of a new instance only queues its ID (an OnStoredInstance
+callback would run in the storing thread, under the GIL); a :class:`Worker` thread fetches the
+file and runs :func:`ingest`, after any burst that Orthanc is storing. Every outcome is recorded
+as a status: the worker never raises into Orthanc.
 """
 
 import collections
@@ -277,7 +278,7 @@ class Worker:
             thread.start()
 
     def submit(self, instance_id: str) -> bool:
-        """Queue an instance without ever blocking the caller (Orthanc's store thread)."""
+        """Queue an instance without ever blocking the caller (Orthanc's change thread)."""
         try:
             self._queue.put_nowait(instance_id)
             return True

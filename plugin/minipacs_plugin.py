@@ -206,8 +206,8 @@ def register_failure(error: Exception) -> None:
         orthanc.RegisterRestCallback(uri, lambda output, uri, **request: answer(output, failed))
 
 
-# Orthanc's store thread needs the GIL to queue an instance: let the worker's Python code hand
-# it over sooner than the default 5 ms.
+# Orthanc's threads need the GIL to queue an instance or answer a route: let the worker's Python
+# code hand it over sooner than the default 5 ms.
 sys.setswitchinterval(0.0005)
 try:
     MiniPacs(json.loads(orthanc.GetConfiguration())).register()

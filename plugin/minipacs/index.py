@@ -267,7 +267,7 @@ def _image_json(row: str) -> str:
 def _item_statements() -> list[str]:
     """The triggers that write each image row's JSON answer into its ``item`` column whenever
     the row is written: a page of images then reads rows, not 31 columns turned into JSON
-    (6× less SQLite time per page)."""
+    (half the SQLite time of a page, measured at 100,000 images)."""
     return [f"""CREATE TRIGGER IF NOT EXISTS images_item_{event.lower()}
         AFTER {event} ON images {when} BEGIN
             UPDATE images SET item = {_image_json("new")} WHERE rowid = new.rowid; END"""

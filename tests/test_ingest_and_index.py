@@ -499,3 +499,13 @@ def test_an_older_index_gains_counters_new_indexes_and_image_modalities(tmp_path
             items[0]["Modality"]) == ("P", "1.2", "1.2.3", "MR")
     idx.Index(tmp_path / "old.sqlite")  # opening it again changes nothing
     assert index.counts()["images"] == 2
+
+
+def test_pngs_are_written_whole_new_or_replaced(tmp_path):
+    from minipacs.ingest import write_png
+
+    path = tmp_path / "x.png"
+    write_png(path, b"first")
+    write_png(path, b"second, longer")  # a re-sent instance: replaced through a rename
+    assert path.read_bytes() == b"second, longer"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]

@@ -126,6 +126,21 @@ def score_images(models: ModelSlot | None, images: list[np.ndarray]) -> list[tup
     return [(score, {**score_columns(score), "scored_at": scored_at}) for score in scores]
 
 
+def write_png(path: Path, data: bytes) -> None:
+    """Write a PNG so that no reader sees half of it. A new file is written in place: readers
+    find PNGs through the index, whose row comes after; one that exists (a re-sent instance)
+    is replaced through a temporary file, the rename costing a third more on this disk."""
+    try:
+        with open(path, "xb") as new:
+            new.write(data)
+        return
+    except FileExistsError:
+        pass
+    partial = path.with_suffix(".png.part")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
 def _render_columns(ds: Dataset, png_path: Path, settings: Settings,
                     fallback: Decoder) -> tuple[dict[str, Any], np.ndarray | None]:
     """Render the first frame to ``png_path``; the image columns that describe the outcome,
@@ -139,9 +154,7 @@ def _render_columns(ds: Dataset, png_path: Path, settings: Settings,
     except Exception as exc:  # a decoder bug must cost one image, not the worker
         log.exception("rendering %s failed unexpectedly", png_path.stem)
         return {"status": idx.RENDER_FAILED, "status_detail": f"{type(exc).__name__}: {exc}"}, None
-    partial = png_path.with_suffix(".png.part")
-    partial.write_bytes(encode_png(shown.pixels, settings.png_compress_level))
-    os.replace(partial, png_path)  # readers never see half a PNG
+    write_png(png_path, encode_png(shown.pixels, settings.png_compress_level))
     return {"status": idx.RENDERED, "status_detail": shown.notes or None,
             "png": png_path.name, "frames": shown.frames,
             "rendered_frame": shown.frame, "photometric": shown.photometric,

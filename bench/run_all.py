@@ -54,6 +54,12 @@ def ingest_rows(r: dict) -> list[Row]:
              f"{r['no_defer_upload_ratio']:.2f} / {r['no_defer_end_to_end_ratio']:.2f}", "—", None)]
 
 
+def stages_rows(r: dict) -> list[Row]:
+    stages = ", ".join(f"{name} {ms:.2f}" for name, ms in r["stages_ms"].items())
+    return [("ingest pipeline per 512×512 CT, one thread (ms)", f"{r['total_ms']:.2f}: {stages}; "
+             f"an empty file costs {r['empty_file_create_ms']:.2f} to create here", "—", None)]
+
+
 def latency_rows(r: dict) -> list[Row]:
     ms = r["latency_ms"]
     return [(f"ingest-to-verdict latency, {r['instances']} CT at {r['rate_asked_per_s']:g}/s",
@@ -97,6 +103,7 @@ BENCHES = {
     "render": Bench("render.py", (), ("--runs", "5"), render_rows),
     "scoring": Bench("scoring.py", (), ("--runs", "10"), scoring_rows),
     "ingest": Bench("ingest.py", (), ("--instances", "50"), ingest_rows),
+    "stages": Bench("stages.py", (), ("--instances", "32"), stages_rows),
     "latency": Bench("latency.py", (), ("--rate", "10", "--seconds", "3"), latency_rows),
     "routes": Bench("routes.py", (), ("--images", "20000", "--patients", "200", "--requests", "50"),
                     routes_rows),

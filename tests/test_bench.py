@@ -7,7 +7,7 @@ import sys
 
 from orthanc_server import ROOT
 
-CHEAP = ["render", "scoring", "latency"]
+CHEAP = ["render", "scoring", "stages", "latency"]
 
 
 def test_run_all_quick_summarises_every_benchmark(tmp_path):
@@ -23,3 +23,6 @@ def test_run_all_quick_summarises_every_benchmark(tmp_path):
     assert 0 < latency["latency_ms"]["p50"] <= latency["latency_ms"]["p99"] <= latency["latency_ms"]["max"]
     # The index reader sees each verdict soon after the plugin wrote it: its clock is the measure.
     assert 0 <= latency["seen_after_indexed_at_ms"]["p50"] < 100
+    stages = json.loads((tmp_path / "stages.json").read_text())
+    assert stages["instances"] == 32 and len(stages["stages_ms"]) == 8
+    assert stages["total_ms"] == sum(stages["stages_ms"].values()) and stages["empty_file_create_ms"] > 0

@@ -144,12 +144,16 @@ class OrthancServer:
         return subprocess.CompletedProcess(["storescu"], code, "", "".join(outputs))
 
     def wait_for_ingest(self, timeout: float = 300) -> dict:
-        """Block until the plugin's worker has processed everything queued."""
+        """Block until the plugin's worker has processed everything queued. Orthanc announces a
+        new instance from its change thread, a little after the store has answered, so the
+        worker must be found idle twice in a row, a poll apart."""
         deadline = time.monotonic() + timeout
+        idle_before = False
         while True:
             stats = self.json("/minipacs/ingest")
-            if stats["worker"]["idle"]:
+            if stats["worker"]["idle"] and idle_before:
                 return stats
+            idle_before = stats["worker"]["idle"]
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ingest not idle after {timeout}s: {stats}")
             time.sleep(0.2)

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pydicom
 import pytest
+import requests
 from PIL import Image
 
 from corpus import find, pydicom_data_files
@@ -173,6 +174,32 @@ def test_store_does_not_wait_for_rendering(orthanc):
     pending = orthanc.json("/minipacs/ingest")["worker"]
     orthanc.wait_for_ingest()
     assert pending["queued"] >= 1  # ~6 MB CR images take longer to render than to store
+
+
+def test_a_burst_of_stores_is_rendered_after_it(tmp_path):
+    """Orthanc's NewInstance changes reach the worker, which waits while a burst is stored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ds = pydicom.dcmread(find("CT_small.dcm"))
+    files = []
+    for _ in range(60):
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        files.append(buffer.getvalue())
+    server = OrthancServer(tmp_path)
+    server.config["MiniPacs"]["DeferWhileStoring"] = 30
+    server.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda data: requests.post(server.url + "/instances", data=data,
+                                                             timeout=30).status_code, files))
+        assert codes == [200] * 60
+        worker = server.wait_for_ingest()["worker"]
+        assert worker["deferred_s"] > 0 and worker["deferring"] is False
+        assert server.json("/minipacs/images/count") == {"count": 60}
+    finally:
+        server.stop()
 
 
 def test_instances_stored_while_down_are_caught_up_on_start(tmp_path):

@@ -357,7 +357,7 @@ class Worker:
         process's at the lowest priority, slows storing by 15-30 % on a 2-core machine, while
         rendering after the burst costs the same CPU. Past ``defer`` the threads catch up with
         the whole queue, so the index never lags a long burst by more than about that."""
-        if not self._defer or self._catching_up:
+        if not self._defer or self._catching_up or not self._storing_burst():
             return
         start = time.monotonic()
         while (left := self._storing_burst()) and not self._stop.is_set():

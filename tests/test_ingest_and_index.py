@@ -402,6 +402,32 @@ def test_counters_follow_inserts_replacements_status_changes_and_cascades(index)
     assert (index.counts(), index.status_counts()) == counted(index)
 
 
+def test_the_flagged_counter_follows_scores_replacements_and_deletions(index):
+    def flagged():
+        return index._scalar("SELECT count(*) FROM images WHERE flagged = 1")
+
+    for n in range(4):
+        index.put(record(sop=f"1.2.3.{n}"))
+    ids = [index.get(idx.IMAGES, f"1.2.3.{n}")["OrthancID"] for n in range(4)]
+    score = {"anomaly_score": 0.9, "model_version": "m", "threshold": 0.5}
+    index.set_scores([{"orthanc_id": i, **score, "flagged": 1} for i in ids[:3]])
+    index.set_scores([{"orthanc_id": ids[0], **score, "flagged": 0}])  # rescored: not any more
+    resent = record(sop="1.2.3.1")
+    resent.image["flagged"] = 0  # re-sent, and scored valid this time
+    index.put(resent)
+    index.delete("images", ids[2])
+    index.set_scores([{"orthanc_id": ids[3], **score, "flagged": None}])
+    assert index.flagged_count() == flagged() == 0
+    index.set_scores([{"orthanc_id": i, **score, "flagged": 1} for i in (ids[0], ids[3])])
+    assert index.flagged_count() == flagged() == 2
+    # An index made before the counter gains it, counted, on opening.
+    index._connection().executescript(
+        "DELETE FROM counters WHERE name = 'flagged'; DROP TRIGGER images_flagged_added; "
+        "DROP TRIGGER images_flagged_removed; DROP TRIGGER images_flagged_changed;")
+    index.close()
+    assert idx.Index(index.path).flagged_count() == 2
+
+
 def test_deleting_an_image_keeps_the_parents_that_still_hold_others(index):
     for sop in ("1.2.3.1", "1.2.3.2"):
         index.put(record(sop=sop))

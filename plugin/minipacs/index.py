@@ -166,6 +166,20 @@ def _counter_statements() -> list[str]:
     return statements
 
 
+# The number of flagged images (added after the others: an older index gains it on opening).
+_FLAGGED_COUNTER = [
+    "INSERT INTO counters SELECT 'flagged', count(*) FROM images WHERE flagged = 1",
+    """CREATE TRIGGER images_flagged_added AFTER INSERT ON images WHEN new.flagged IS 1 BEGIN
+        UPDATE counters SET n = n + 1 WHERE name = 'flagged'; END""",
+    """CREATE TRIGGER images_flagged_removed AFTER DELETE ON images WHEN old.flagged IS 1 BEGIN
+        UPDATE counters SET n = n - 1 WHERE name = 'flagged'; END""",
+    """CREATE TRIGGER images_flagged_changed AFTER UPDATE OF flagged ON images
+        WHEN (old.flagged IS 1) IS NOT (new.flagged IS 1) BEGIN
+            UPDATE counters SET n = n + (new.flagged IS 1) - (old.flagged IS 1)
+            WHERE name = 'flagged'; END""",
+]
+
+
 def _add_counters(db: sqlite3.Connection) -> None:
     """Create the counters in one transaction with the count they start from, unless another
     connection did first."""
@@ -173,6 +187,9 @@ def _add_counters(db: sqlite3.Connection) -> None:
     try:
         if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'counters'").fetchone():
             for statement in _counter_statements():
+                db.execute(statement)
+        if not db.execute("SELECT 1 FROM counters WHERE name = 'flagged'").fetchone():
+            for statement in _FLAGGED_COUNTER:
                 db.execute(statement)
         db.commit()
     except BaseException:
@@ -454,6 +471,9 @@ class Index:
                  JOIN studies s ON s.orthanc_id = se.study WHERE s.patient = :p)""",
             {"p": patient_orthanc_id}).fetchone()
         return dict(zip(("studies", "series", "images"), row))
+
+    def flagged_count(self) -> int:
+        return self._scalar("SELECT n FROM counters WHERE name = 'flagged'")
 
     def status_counts(self) -> dict[str, int]:
         rows = self._connection().execute(

@@ -221,8 +221,9 @@ class Router:
             clauses.append("i.anomaly_score >= ?")
             args.append(minimum)
         limit, offset = paging(query)
+        total = None if args else self.index.flagged_count()  # unfiltered: from the counters
         items, total = self.index.page_json(idx.FLAGGED, limit, offset, " AND ".join(clauses),
-                                            tuple(args))
+                                            tuple(args), total)
         return page_response(items, total=total, limit=limit, offset=offset,
                              model=self.models.describe())
 

@@ -26,9 +26,6 @@ from minipacs.orthanc_ids import orthanc_ids  # noqa: E402
 from minipacs.preprocess import batch  # noqa: E402
 from minipacs.scoring import ModelSlot  # noqa: E402
 
-BATCH = 16  # as the worker takes a backlog
-
-
 class _NoOrthanc:
     """The files are well formed: describe() never has to ask Orthanc."""
 
@@ -60,7 +57,7 @@ def stage_ms(files: list[bytes], work: Path) -> dict[str, float]:
             png = timed("PNG deflate", render.encode_png, pixels, 1)
             timed("PNG file", ingest.write_png, work / f"{run}-{n}.png", png)
             shown.append(pixels)
-            if len(shown) == BATCH or n == len(files) - 1:
+            if len(shown) == ingest.BATCH or n == len(files) - 1:
                 scorer = models.scorer
                 inputs = timed("preprocessing", batch, shown, scorer.info.input_size)
                 timed("model (batches of 16)", scorer.session.run, None, {scorer.input_name: inputs})

@@ -30,6 +30,7 @@ from .scoring import ModelSlot, Score, score_columns
 
 log = logging.getLogger("minipacs")
 WORKER_NICENESS = 10
+BATCH = 16  #: instances a worker thread takes at once from a backlog
 
 #: Tags of an instance as Orthanc's ``/instances/{id}/simplified-tags`` gives them.
 Tags = Mapping[str, Any]
@@ -270,7 +271,7 @@ class Worker:
     release the GIL, so two threads use two cores well."""
 
     def __init__(self, handle: Callable[[list[str]], Any], queue_size: int, threads: int = 1,
-                 batch: int = 16, defer: float = 0.0, burst: int = 3, burst_window: float = 0.03):
+                 batch: int = BATCH, defer: float = 0.0, burst: int = 3, burst_window: float = 0.03):
         self._handle = handle
         self._batch = batch
         self._queue: queue.Queue[str | None] = queue.Queue(queue_size)

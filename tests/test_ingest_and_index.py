@@ -1,6 +1,7 @@
 """The pipeline and the index, without Orthanc: real files in, rows and PNGs out."""
 
 import io
+import sqlite3
 import threading
 import time
 
@@ -426,6 +427,41 @@ def test_the_flagged_counter_follows_scores_replacements_and_deletions(index):
         "DROP TRIGGER images_flagged_removed; DROP TRIGGER images_flagged_changed;")
     index.close()
     assert idx.Index(index.path).flagged_count() == 2
+
+
+def test_a_batch_is_written_whole_or_not_at_all(index):
+    index.put(record(sop="1.2.3.0"))
+    with pytest.raises(sqlite3.IntegrityError):
+        index.put_many([record(sop="1.2.3.1"), record(sop="1.2.3.2", status=None)])
+    assert index.counts()["images"] == 1 and index.get(idx.IMAGES, "1.2.3.1") is None
+    index.put_many([record(sop="1.2.3.1"), record(patient="Q", study="9", series="9.1", sop="9.1.1")])
+    assert index.counts() == {"patients": 2, "studies": 2, "series": 2, "images": 3}
+    assert counted(index)[0] == index.counts()
+
+
+def test_writers_in_several_threads_never_wait_in_sqlites_busy_handler(index):
+    """SQLite makes a second writer sleep 1-100 ms between tries; the index lets its own
+    threads write one at a time instead. Without that, a busy timeout of 0 makes the second
+    writer fail at once."""
+    errors = []
+
+    def write(thread: int) -> None:
+        index._connection().execute("PRAGMA busy_timeout = 0")
+        try:
+            for n in range(40):
+                index.put_many([record(patient=f"P{thread}", sop=f"1.2.3.{thread}.{n}.{k}") for k in range(20)])
+                index.set_scores([{"orthanc_id": orthanc_ids(f"P{thread}", "1.2", "1.2.3", f"1.2.3.{thread}.{n}.0").instance,
+                                   "anomaly_score": 0.5, "flagged": 0, "model_version": "m", "threshold": 0.5}])
+        except sqlite3.OperationalError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert index.counts()["images"] == 3 * 40 * 20 and counted(index)[0] == index.counts()
 
 
 def test_deleting_an_image_keeps_the_parents_that_still_hold_others(index):

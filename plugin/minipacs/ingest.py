@@ -217,18 +217,20 @@ def ingest_many(index: idx.Index, settings: Settings, items: list[tuple[str, byt
     shown = [i for i, p in enumerate(pixels) if p is not None]
     scores = dict(zip(shown, score_images(models, [pixels[i] for i in shown])))
     for i, record in enumerate(records):
-        score, columns = scores.get(i, (None, {}))
+        columns = scores.get(i, (None, {}))[1]
         image = record.image
         detail = columns.pop("status_detail", None)
         image.update(columns)
         if detail:
             image["status_detail"] = "; ".join(filter(None, (image["status_detail"], detail)))
-        index.put(record)
+    index.put_many(records)
+    for i, (score, _) in scores.items():
         if score is not None:
+            image_id, study_id = records[i].image["orthanc_id"], records[i].study["orthanc_id"]
             try:
-                lookup.publish(image["orthanc_id"], record.study["orthanc_id"], score)
+                lookup.publish(image_id, study_id, score)
             except Exception:  # Orthanc's copy of the flag is a convenience; the index has it
-                log.exception("publishing the score of %s to Orthanc failed", image["orthanc_id"])
+                log.exception("publishing the score of %s to Orthanc failed", image_id)
     return [record.image for record in records]
 
 

@@ -32,3 +32,9 @@ def context() -> dict:
     return {"date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
             "load_average_1min_at_start": os.getloadavg()[0]}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) that a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -52,7 +52,9 @@ def ingest_rows(r: dict) -> list[Row]:
             ("ingest, end to end (rendered, scored, indexed) / bare upload rate",
              f"{end_to_end:.2f} ({r['plugin_end_to_end_per_s']:.0f}/s)", "≥ 0.6", end_to_end >= 0.6),
             ("ingest with DeferWhileStoring 0: upload / end-to-end ratios",
-             f"{r['no_defer_upload_ratio']:.2f} / {r['no_defer_end_to_end_ratio']:.2f}", "—", None)]
+             f"{r['no_defer_upload_ratio']:.2f} / {r['no_defer_end_to_end_ratio']:.2f}", "—", None),
+            ("ingest, after the upload (minipacs catching up): CPU per instance, cores busy",
+             f"{r['cpu_ms_per_instance_after_upload']:.2f} ms, {r['cores_busy_after_upload']:.2f}", "—", None)]
 
 
 def stages_rows(r: dict) -> list[Row]:

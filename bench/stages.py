@@ -89,8 +89,8 @@ def main() -> None:
                "empty_file_create_ms": create}
     print(f"ingest stages, one thread, {len(files)} CT 512×512 (ms per instance):")
     for stage, ms in stages.items():
-        print(f"  {stage:22s} {ms:6.2f}")
-    print(f"  {'total':22s} {total:6.2f}\n  creating an empty file on this disk: {create:.2f} ms")
+        print(f"  {stage:26s} {ms:6.2f}")
+    print(f"  {'total':26s} {total:6.2f}\n  creating an empty file on this disk: {create:.2f} ms")
     write_results(args.json, results)
 
 

@@ -64,6 +64,7 @@ class OrthancServer:
             "DicomAet": self.aet,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
+            "HttpCompressionEnabled": False,  # as orthanc.json: the clients are on this host
             "Plugins": [str(PLUGINS / "libOrthancPython.so"), str(PLUGINS / "libOrthancDicomWeb.so")],
             "PythonScript": str(ROOT / "plugin" / "minipacs_plugin.py"),
             "UserMetadata": {"MiniPacsAnomalyScore": 4301, "MiniPacsFlagged": 4302},

@@ -34,6 +34,9 @@ def test_start_command_serves_the_demo_archive(tmp_path):
         statuses = requests.get(f"{url}/minipacs/ingest", timeout=10).json()["statuses"]
         assert statuses["rendered"] == requests.get(f"{url}/statistics").json()["CountInstances"]
         assert "demo: " in (tmp_path / "start.log").read_text()
+        # Only this host may connect (RemoteAccessAllowed false): gzip would cost time, save none.
+        page = requests.get(f"{url}/minipacs/images", headers={"Accept-Encoding": "gzip"}, timeout=10)
+        assert page.ok and "Content-Encoding" not in page.headers and len(page.content) > 2000
     finally:
         os.killpg(start.pid, signal.SIGINT)
         start.wait(60)

@@ -19,8 +19,8 @@ from .rescore import Busy, Rescorer
 from .scoring import ModelError, ModelSlot
 
 # 25 rows: a page then costs about what a single resource does (bench/routes.py); ask more
-# with ?limit= (a page of 100 images: ~2.5× the p99 of Orthanc's /patients/{id}, half of it
-# SQLite reading the rows, half Orthanc's gzip of ~90 KB).
+# with ?limit= (a page of 100 images: ~1.9× the p99 of Orthanc's /patients/{id}, most of the
+# difference SQLite reading the rows; ~2.7× where Orthanc gzips the ~100 KB answer).
 DEFAULT_LIMIT = 25
 MAX_LIMIT = 1000
 log = logging.getLogger("minipacs")

@@ -1,7 +1,8 @@
 """Ingest benchmark: the same synthetic 512×512 CT instances uploaded by parallel REST clients to
 (a) bare Orthanc and (b) Orthanc with minipacs, in one run on one machine.
 
-    .venv/bin/python bench/ingest.py [--instances 1000] [--clients 4] [--rounds 3] [--json PATH]
+    .venv/bin/python bench/ingest.py [--instances 1000] [--clients 4] [--rounds 3] [--breakdown]
+                                     [--json PATH]
 
 Reports the upload throughput ratio b/a (does storing wait for minipacs?) and the end-to-end
 rate of b, until every instance is rendered, scored and indexed, over a's upload rate; b runs
@@ -10,6 +11,9 @@ own rate moves by ±10 % from one upload to the next on a shared 2-core machine,
 rounds of (a, b, b with 0) run back to back and each ratio is the median of its rounds'. Once
 b's upload has ended, the CPU time of Orthanc's process is minipacs's catching up: reported as
 ms per instance and cores busy, the two numbers that bound the end-to-end ratio.
+``--breakdown`` adds, to every round, minipacs in the configurations that leave out part of its
+work (the score metadata, when ``UserMetadata`` does not declare it; scoring and so the
+metadata too, with no model): what each costs inside Orthanc, and the end-to-end ratio left.
 Targets: upload ratio ≥ 0.9, end-to-end ratio ≥ 0.6.
 """
 
@@ -68,14 +72,22 @@ def wait_until_processed(server: OrthancServer, count: int, timeout: float = 360
         time.sleep(0.02)
 
 
-def ingest_with_minipacs(work: Path, files: list[bytes], clients: int,
-                         defer: int | None) -> tuple[float, float, str, dict]:
+#: Configurations that leave out part of minipacs's work, each a supported one (see README).
+WITHOUT = {"score_metadata": lambda config: config.pop("UserMetadata"),
+           "model": lambda config: config["MiniPacs"].update(ModelPath="")}
+
+
+def ingest_with_minipacs(work: Path, files: list[bytes], clients: int, defer: int | None,
+                         without: str = "") -> tuple[float, float, str, dict]:
     """Seconds to upload, seconds until all is indexed, the model's version, and what Orthanc's
     process spent after the upload (CPU ms per instance, cores busy): minipacs's catching up;
-    ``DeferWhileStoring`` is ``defer``, or minipacs's default where None."""
+    ``DeferWhileStoring`` is ``defer``, or minipacs's default where None; ``without`` names
+    a part of the work left out (a key of ``WITHOUT``)."""
     plugin = OrthancServer(work)
     if defer is not None:
         plugin.config["MiniPacs"]["DeferWhileStoring"] = defer
+    if without:
+        WITHOUT[without](plugin.config)
     plugin.start()
     try:
         model = plugin.json("/minipacs/model").get("Version")
@@ -103,9 +115,10 @@ def bare_upload_s(work: Path, files: list[bytes], clients: int) -> float:
         bare.stop()
 
 
-def one_round(work: Path, files: list[bytes], clients: int) -> dict:
+def one_round(work: Path, files: list[bytes], clients: int, breakdown: bool = False) -> dict:
     """Bare Orthanc, then minipacs with its default DeferWhileStoring and with 0 (rendering
-    beside storing), back to back: each ratio against the bare run of its own round."""
+    beside storing), and with ``breakdown`` without parts of its work, back to back: each ratio
+    against the bare run of its own round."""
     bare_s = bare_upload_s(work / "bare", files, clients)
     n = len(files)
     result = {"bare_upload_per_s": n / bare_s}
@@ -118,6 +131,12 @@ def one_round(work: Path, files: list[bytes], clients: int) -> dict:
                        f"{prefix}end_to_end_ratio": bare_s / end_to_end_s,
                        f"{prefix}plugin_upload_per_s": n / upload_s,
                        f"{prefix}plugin_end_to_end_per_s": n / end_to_end_s})
+    for without in WITHOUT if breakdown else ():
+        prefix = f"without_{without}_"
+        upload_s, end_to_end_s, _, after = ingest_with_minipacs(work / prefix, files, clients, None,
+                                                                without)
+        result.update({f"{prefix}{key}": value for key, value in after.items()})
+        result[f"{prefix}end_to_end_ratio"] = bare_s / end_to_end_s
     return result
 
 
@@ -126,13 +145,15 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also run without the score metadata, and without a model")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     files = ct_slices(args.instances)
     rounds = []
     for n in range(args.rounds):
         with tempfile.TemporaryDirectory() as work:
-            rounds.append(one_round(Path(work), files, args.clients))
+            rounds.append(one_round(Path(work), files, args.clients, args.breakdown))
         print(f"  round {n + 1}: " + ", ".join(f"{key} {value:.2f}" for key, value in rounds[-1].items()
                                              if key.endswith("ratio")), flush=True)
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0] if key != "model"}
@@ -150,6 +171,11 @@ def main() -> None:
           f"end to end {results['no_defer_end_to_end_ratio']:.2f}")
     print(f"  after the upload: {results['cpu_ms_per_instance_after_upload']:.2f} ms CPU per instance, "
           f"{results['cores_busy_after_upload']:.2f} cores busy")
+    for without in WITHOUT if args.breakdown else ():
+        prefix = f"without_{without}_"
+        print(f"  without {without.replace('_', ' ')}: "
+              f"{results[prefix + 'cpu_ms_per_instance_after_upload']:.2f} ms CPU per instance "
+              f"after the upload, end to end {results[prefix + 'end_to_end_ratio']:.2f}")
     write_results(args.json, results)
 
 

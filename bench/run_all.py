@@ -54,7 +54,11 @@ def ingest_rows(r: dict) -> list[Row]:
             ("ingest with DeferWhileStoring 0: upload / end-to-end ratios",
              f"{r['no_defer_upload_ratio']:.2f} / {r['no_defer_end_to_end_ratio']:.2f}", "—", None),
             ("ingest, after the upload (minipacs catching up): CPU per instance, cores busy",
-             f"{r['cpu_ms_per_instance_after_upload']:.2f} ms, {r['cores_busy_after_upload']:.2f}", "—", None)]
+             f"{r['cpu_ms_per_instance_after_upload']:.2f} ms, {r['cores_busy_after_upload']:.2f}", "—", None),
+            *[(f"ingest without {part.replace('_', ' ')}: CPU per instance after the upload, "
+               "end-to-end ratio", f"{r[f'without_{part}_cpu_ms_per_instance_after_upload']:.2f} ms, "
+               f"{r[f'without_{part}_end_to_end_ratio']:.2f}", "—", None)
+              for part in ("score_metadata", "model") if f"without_{part}_end_to_end_ratio" in r]]
 
 
 def stages_rows(r: dict) -> list[Row]:
@@ -105,7 +109,8 @@ class Bench:
 BENCHES = {
     "render": Bench("render.py", (), ("--runs", "5"), render_rows),
     "scoring": Bench("scoring.py", (), ("--runs", "10"), scoring_rows),
-    "ingest": Bench("ingest.py", (), ("--instances", "50", "--rounds", "1"), ingest_rows),
+    "ingest": Bench("ingest.py", ("--breakdown",), ("--instances", "50", "--rounds", "1", "--breakdown"),
+                    ingest_rows),
     "stages": Bench("stages.py", (), ("--instances", "32"), stages_rows),
     "latency": Bench("latency.py", (), ("--rate", "10", "--seconds", "3"), latency_rows),
     "routes": Bench("routes.py", (), ("--images", "20000", "--patients", "200", "--requests", "50"),

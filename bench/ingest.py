@@ -57,7 +57,8 @@ def upload_all(url: str, files: list[bytes], clients: int) -> float:
 
     def send(i: int) -> None:
         answer = sessions[i % clients].post(url + "/instances", data=files[i], timeout=120)
-        answer.raise_for_status()
+        if not answer.ok:  # Orthanc's answer says why
+            raise RuntimeError(f"upload {i}: {answer.status_code} {answer.text[:1000]}")
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:

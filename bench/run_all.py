@@ -55,8 +55,10 @@ def ingest_rows(r: dict) -> list[Row]:
              f"{r['no_defer_upload_ratio']:.2f} / {r['no_defer_end_to_end_ratio']:.2f}", "—", None),
             ("ingest, after the upload (minipacs catching up): CPU per instance, cores busy",
              f"{r['cpu_ms_per_instance_after_upload']:.2f} ms, {r['cores_busy_after_upload']:.2f}", "—", None),
-            ("ingest, CPU per instance of bare Orthanc's upload (Orthanc + clients); end to end "
-             "at most, with every core busy", f"{r['bare_cpu_ms_per_instance']:.2f} ms; "
+            ("ingest, Orthanc's CPU per instance during the upload, with minipacs / bare; the "
+             "clients'", f"{r['upload_cpu_ms_per_instance']:.2f} / {r['bare_upload_cpu_ms_per_instance']:.2f} ms; "
+             f"{r['clients_cpu_ms_per_instance']:.2f} ms", "—", None),
+            ("ingest, end to end at most, were every core busy throughout (CPU bound)",
              f"{r['end_to_end_bound_all_cores_busy']:.2f}", "—", None),
             *[(f"ingest without {part.replace('_', ' ')}: CPU per instance after the upload, "
                "end-to-end ratio", f"{r[f'without_{part}_cpu_ms_per_instance_after_upload']:.2f} ms, "

@@ -89,10 +89,9 @@ WITHOUT = {"score_metadata": lambda config: config.pop("UserMetadata"),
 def ingest_with_minipacs(work: Path, files: list[bytes], clients: int, defer: int | None,
                          without: str = "") -> tuple[float, float, str, dict]:
     """Seconds to upload, seconds until all is indexed, the model's version, and what Orthanc's
-    process spent during the upload and after it (CPU ms per instance, cores busy): minipacs's
-    catching up;
-    ``DeferWhileStoring`` is ``defer``, or minipacs's default where None; ``without`` names
-    a part of the work left out (a key of ``WITHOUT``)."""
+    process spent during the upload and after it, minipacs catching up (CPU ms per instance,
+    cores busy). ``DeferWhileStoring`` is ``defer``, or minipacs's default where None;
+    ``without`` names a part of the work left out (a key of ``WITHOUT``)."""
     plugin = OrthancServer(work)
     if defer is not None:
         plugin.config["MiniPacs"]["DeferWhileStoring"] = defer

@@ -553,7 +553,8 @@ def test_an_older_index_gains_counters_new_indexes_and_image_modalities(tmp_path
     names = {name for name, in index._connection().execute(
         "SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert not names & set(idx.OBSOLETE_INDEXES)
-    assert {"images_of_series", "images_flagged_in_order", "images_flagged_by_modality"} <= names
+    assert {"images_of_series", "images_flagged_in_order", "images_flagged_by_modality",
+            "images_summary"} <= names
     items, total = index.page(idx.FLAGGED, 10, 0, "i.flagged = 1 AND " + idx.ANOMALY_FILTERS["modality"],
                               ("MR",))
     assert total == 1 and items[0]["OrthancID"] == "i1"
@@ -561,6 +562,39 @@ def test_an_older_index_gains_counters_new_indexes_and_image_modalities(tmp_path
             items[0]["Modality"]) == ("P", "1.2", "1.2.3", "MR")
     idx.Index(tmp_path / "old.sqlite")  # opening it again changes nothing
     assert index.counts()["images"] == 2
+
+
+def image_steps(index, call) -> list[str]:
+    """The query plan steps on the images table of every query that ``call`` runs."""
+    db, queries = index._connection(), []
+    db.set_trace_callback(lambda sql: queries.append(sql) if sql.lstrip().startswith("SELECT") else None)
+    try:
+        call()
+    finally:
+        db.set_trace_callback(None)
+    assert queries
+    # The traced text has its parameters bound already: the plan needs none.
+    return [step for sql in queries for *_, step in db.execute("EXPLAIN QUERY PLAN " + sql)
+            if step.startswith(("SCAN i", "SEARCH i "))]
+
+
+def test_summaries_and_counts_read_an_index_never_the_image_rows(index):
+    for n in range(30):
+        index.put(record(series=f"1.2.{n % 3}", sop=f"1.2.{n % 3}.{n}"))
+    study = index.get(idx.STUDIES, "1.2")["OrthancID"]
+    series = index.get(idx.SERIES, "1.2.1")["OrthancID"]
+    patient = index.get(idx.PATIENTS, "P")["OrthancID"]
+    for call in (lambda: index.summary("se.study = ?", (study,)),
+                 lambda: index.summary("i.series = ?", (series,)),
+                 lambda: index.patient_counts(patient)):
+        steps = image_steps(index, call)
+        assert steps and all("USING COVERING INDEX" in step for step in steps), steps
+    assert index.summary("se.study = ?", (study,))["images"] == 30
+    assert index.patient_counts(patient) == {"studies": 1, "series": 3, "images": 30}
+    # A series' flagged images are sought, not filtered out of all of its images.
+    flagged = "i.flagged = 1 AND " + idx.ANOMALY_FILTERS["series"]
+    steps = image_steps(index, lambda: index.page_json(idx.FLAGGED, 25, 0, flagged, ("1.2.1",)))
+    assert any("(series=? AND flagged=?)" in step for step in steps), steps
 
 
 def test_pngs_are_written_whole_new_or_replaced(tmp_path):

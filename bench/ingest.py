@@ -23,7 +23,6 @@ Targets: upload ratio ≥ 0.9, end-to-end ratio ≥ 0.6.
 
 import argparse
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -37,7 +36,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from common import cpu_seconds, write_results  # noqa: E402
+from common import context, cpu_seconds, write_results  # noqa: E402
 from minipacs import synth  # noqa: E402
 from orthanc_server import PLUGINS, OrthancServer  # noqa: E402
 
@@ -174,6 +173,7 @@ def main() -> None:
                         help="also run without the score metadata, and without a model")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    run = context()  # before the run adds its own load
     files = ct_slices(args.instances)
     rounds = []
     for n in range(args.rounds):
@@ -182,8 +182,7 @@ def main() -> None:
         print(f"  round {n + 1}: " + ", ".join(f"{key} {value:.2f}" for key, value in rounds[-1].items()
                                              if key.endswith("ratio")), flush=True)
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0] if key != "model"}
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {CORES} cores",
-               "instances": len(files), "clients": args.clients, "model": rounds[0]["model"],
+    results = {**run, "instances": len(files), "clients": args.clients, "model": rounds[0]["model"],
                **median, "rounds": rounds}
     print(f"ingest benchmark: {len(files)} CT 512×512 instances, {args.clients} REST clients, "
           f"model {results['model']}, median of {len(rounds)} rounds")

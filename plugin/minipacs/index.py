@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS images (
     decoder TEXT,
     anomaly_score REAL,
     flagged INTEGER,
+    anomaly_reason TEXT,  -- why it is flagged (minipacs.reasons)
     model_version TEXT,
     threshold REAL,
     scored_at TEXT,
@@ -223,9 +224,25 @@ def _migrate(db: sqlite3.Connection) -> None:
     for name in OBSOLETE_INDEXES:
         db.execute(f"DROP INDEX IF EXISTS {name}")
     db.executescript(SCHEMA)  # the indexes and triggers (the tables exist now)
-    for statement in _item_statements():
-        db.execute(statement)
+    _item_triggers(db)
     _add_counters(db)
+
+
+def _item_triggers(db: sqlite3.Connection) -> None:
+    """Create the triggers that keep ``item``; where an older version's differ (its answer had
+    fewer keys), replace them and rewrite every item."""
+    statements = _item_statements()
+    names = [re.search(r"TRIGGER IF NOT EXISTS (\w+)", s).group(1) for s in statements]
+    found = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name IN "
+                            f"({', '.join('?' * len(names))})", names).fetchall())
+    stale = [name for name, statement in zip(names, statements)
+             if name in found and found[name] != statement.replace("IF NOT EXISTS ", "")]
+    for name in stale:
+        db.execute(f"DROP TRIGGER {name}")
+    for statement in statements:
+        db.execute(statement)
+    if stale:
+        db.execute(BACKFILL["images", "item"])
 
 
 # Image statuses: what the worker concluded about an instance.
@@ -260,7 +277,8 @@ _IMAGE = (("OrthancID", "i.orthanc_id"), ("SOPInstanceUID", "i.sop_uid"),
           ("WindowSource", "i.window_source"), ("VOILUTFunction", "i.voi_function"),
           ("Inverted", "i.inverted", BOOLEAN), ("Decoder", "i.decoder"),
           ("Modality", "i.modality"), ("AnomalyScore", "i.anomaly_score", REAL),
-          ("Flagged", "i.flagged", BOOLEAN), ("ModelVersion", "i.model_version"),
+          ("Flagged", "i.flagged", BOOLEAN), ("AnomalyReason", "i.anomaly_reason"),
+          ("ModelVersion", "i.model_version"),
           ("Threshold", "i.threshold", REAL), ("ScoredAt", "i.scored_at"),
           ("IndexedAt", "i.indexed_at"))
 
@@ -340,6 +358,9 @@ ANOMALY_FILTERS = {
         JOIN studies s ON s.orthanc_id = se.study WHERE s.study_uid = ?)""",
     "series": "i.series IN (SELECT se.orthanc_id FROM series se WHERE se.series_uid = ?)",
     "modality": "i.modality = ?",
+    # A reason or its family: "broken_render" finds "broken_render:noise" (routes check the value
+    # against minipacs.reasons first, so it holds no GLOB wildcard).
+    "reason": "i.anomaly_reason || ':' GLOB ? || ':*'",
 }
 
 
@@ -519,6 +540,7 @@ class Index:
         with self._writing() as db:
             db.executemany(
                 """UPDATE images SET anomaly_score = :anomaly_score, flagged = :flagged,
+                       anomaly_reason = :anomaly_reason,
                        model_version = :model_version, threshold = :threshold,
                        scored_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
                    WHERE orthanc_id = :orthanc_id""", scores)

@@ -169,7 +169,7 @@ _EMPTY_RENDER = dict.fromkeys(("status_detail", "png", "frames", "rendered_frame
                                "rescale_slope", "rescale_intercept", "window_center",
                                "window_width", "window_source", "voi_function", "inverted",
                                "decoder", "transfer_syntax", "anomaly_score", "flagged",
-                               "model_version", "threshold", "scored_at"))
+                               "anomaly_reason", "model_version", "threshold", "scored_at"))
 
 
 def read_dataset(data: bytes) -> Dataset:

@@ -208,6 +208,9 @@ class Router:
         """Flagged images, most anomalous first, filtered by patient/study/series/modality and
         minimum score."""
         clauses, args = ["i.flagged = 1"], []
+        if query.get("reason") and not reasons.known(query["reason"]):
+            raise HttpError(400, f"unknown reason {query['reason']!r}; reasons: "
+                            f"{', '.join(reasons.REASONS + (reasons.BROKEN, reasons.UNSPECIFIED))}")
         for key, clause in idx.ANOMALY_FILTERS.items():
             if query.get(key):
                 clauses.append(clause)
@@ -234,7 +237,7 @@ class Router:
             raise HttpError(404, f"image {uid} has no score", Status=image["Status"],
                             StatusDetail=image["StatusDetail"], Model=self.models.describe())
         return {key: image[key] for key in ("SOPInstanceUID", "OrthancID", "AnomalyScore",
-                                            "Flagged", "ModelVersion", "Threshold", "ScoredAt")}
+                                            "Flagged", "AnomalyReason", "ModelVersion", "Threshold", "ScoredAt")}
 
     def _summary(self, level: idx.Level, noun: str, column: str) -> Handler:
         def summary(query, uid):

@@ -4,6 +4,11 @@ The model outputs P(valid) for an image preprocessed by :mod:`minipacs.preproces
 file says which preprocessing, input size and threshold it was trained with (its metadata), and
 a model made for another preprocessing is refused. An image is flagged when P(valid) is below
 the threshold; its anomaly score is 1 − P(valid), so higher means more anomalous.
+
+A model that also outputs ``p_class`` (one probability per class of its ``minipacs.classes``
+metadata) gives each flag its reason: the likeliest class other than valid. The checks of
+:func:`reasons.by_construction` run first: what they prove is flagged with score 1 whatever the
+network says.
 """
 
 import hashlib
@@ -15,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from . import preprocess
+from . import preprocess, reasons
 
 
 class ModelError(Exception):
@@ -31,11 +36,13 @@ class ModelInfo:
     preprocessing: str
     sha256: str
     loaded_at: str
+    classes: tuple[str, ...] | None  # None: the model says only valid or not
 
     def as_json(self) -> dict:
         return {"Path": self.path, "Version": self.version, "InputSize": self.input_size,
                 "Threshold": self.threshold, "Preprocessing": self.preprocessing,
-                "Sha256": self.sha256, "LoadedAt": self.loaded_at}
+                "Sha256": self.sha256, "LoadedAt": self.loaded_at,
+                "Reasons": list(self.classes[1:]) if self.classes else [reasons.UNSPECIFIED]}
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class Score:
     flagged: bool
     model_version: str
     threshold: float
+    reason: str | None = None  # why it is flagged (minipacs.reasons); None when not flagged
 
 
 class Scorer:
@@ -72,23 +80,42 @@ class Scorer:
         except (KeyError, ValueError) as exc:
             raise ModelError(f"model {path} lacks a valid {exc} in its metadata") from exc
         self.input_name = self.session.get_inputs()[0].name
+        self.outputs = ["p_valid"]
+        classes = None
+        if meta.get(reasons.METADATA_CLASSES):
+            classes = tuple(meta[reasons.METADATA_CLASSES].split(","))
+            if classes[0] != "valid" or "p_class" not in {o.name for o in self.session.get_outputs()}:
+                raise ModelError(f"model {path} names classes {classes} but has no p_class output "
+                                 "with 'valid' first")
+            self.outputs.append("p_class")
         self.info = ModelInfo(
             path=str(path), version=meta.get(preprocess.METADATA_VERSION, path.stem),
             input_size=size, threshold=model_threshold if threshold is None else threshold,
             preprocessing=preprocess.PREPROCESSING, sha256=hashlib.sha256(data).hexdigest(),
-            loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), classes=classes)
 
-    def p_valid(self, images: list[np.ndarray]) -> np.ndarray:
-        """P(valid) of each image (8-bit display pixels)."""
+    def predict(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
+        """P(valid) of each image (8-bit display pixels), and the reason it would be flagged
+        for: the likeliest class other than valid."""
         inputs = preprocess.batch(images, self.info.input_size)
-        outputs = self.session.run(None, {self.input_name: inputs})[0]
-        return np.asarray(outputs, dtype=np.float64).reshape(len(images))
+        outputs = self.session.run(self.outputs, {self.input_name: inputs})
+        p_valid = np.asarray(outputs[0], dtype=np.float64).reshape(len(images))
+        if self.info.classes is None:
+            return p_valid, [reasons.UNSPECIFIED] * len(images)
+        likeliest = np.argmax(np.asarray(outputs[1])[:, 1:], axis=1) + 1
+        return p_valid, [self.info.classes[k] for k in likeliest]
 
     def scores(self, images: list[np.ndarray]) -> list[Score]:
         """The scores of several images, run as one batch."""
         threshold, version = self.info.threshold, self.info.version
-        return [Score(anomaly_score=1.0 - float(p), flagged=float(p) < threshold,
-                      model_version=version, threshold=threshold) for p in self.p_valid(images)]
+        scores = []
+        for pixels, p, reason in zip(images, *self.predict(images)):
+            proven = reasons.by_construction(pixels)
+            flagged = proven is not None or float(p) < threshold
+            scores.append(Score(anomaly_score=1.0 if proven else 1.0 - float(p), flagged=flagged,
+                                model_version=version, threshold=threshold,
+                                reason=(proven or reason) if flagged else None))
+        return scores
 
     def score(self, pixels: np.ndarray) -> Score:
         return self.scores([pixels])[0]
@@ -135,8 +162,9 @@ class ModelSlot:
 def score_columns(score: Score | None) -> dict:
     """The index columns of a score (all empty when there is none)."""
     if score is None:
-        return dict.fromkeys(("anomaly_score", "flagged", "model_version", "threshold"))
+        return dict.fromkeys(("anomaly_score", "flagged", "anomaly_reason", "model_version", "threshold"))
     return {"anomaly_score": score.anomaly_score, "flagged": score.flagged,
-            "model_version": score.model_version, "threshold": score.threshold}
+            "anomaly_reason": score.reason, "model_version": score.model_version,
+            "threshold": score.threshold}
 
 

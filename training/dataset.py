@@ -5,7 +5,9 @@ Layout under the output folder (as the predecessor's tree, one subfolder per kin
 
     valid/original, valid/window, valid/blur, valid/flip_rotate, valid/zoom
     invalid/pictures, invalid/textures, invalid/charts, invalid/screens,
-    invalid/message_box, invalid/broken, invalid/custom, invalid/archive_anomaly
+    invalid/photos, invalid/artwork, invalid/screenshots      (real pictures, training.realinvalid)
+    invalid/message_box, invalid/dialog, invalid/broken, invalid/byte_order, invalid/row_stride,
+    invalid/custom, invalid/archive_anomaly
     test_valid/custom                      (only ever in the test split)
     manifest.csv                           one row per file: label, split, patient, parameters
 
@@ -13,6 +15,9 @@ The PNGs hold 8-bit display pixels; training applies ``preprocess.model_input`` 
 them, exactly as the plugin does on its renders. The classes are balanced per split: derived
 invalid images (message boxes, broken renders) come from the split's own valid images, and
 generated ones fill up to the split's valid count (capped by ``max_invalid``).
+
+Every row also names its class for the model's reason head (``reason``: ``valid`` or one of
+``minipacs.reasons.REASONS``), derived from its kind and parameters by :func:`reason_of`.
 """
 
 import csv
@@ -24,14 +29,43 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from minipacs import preprocess, render
-from training import invalid
+from minipacs import preprocess, reasons, render
+from training import invalid, realinvalid
 from training.augment import AUGMENTATIONS, AugmentConfig
 from training.sources import Candidate, Valid, load_any, picture_pixels
 
 SPLITS = ("train", "validate", "test")
 MANIFEST = "manifest.csv"
-COLUMNS = ("file", "label", "class", "kind", "split", "patient", "study", "source", "params")
+COLUMNS = ("file", "label", "class", "kind", "split", "patient", "study", "source", "reason", "params")
+
+# Kinds of invalid image and the reason each stands for (broken renders: by their sub-kind).
+KIND_REASONS = {**dict.fromkeys(("pictures", "textures", "charts", "screens", "custom", "photos", "artwork",
+                                 "screenshots"), reasons.PICTURE),
+                **dict.fromkeys(("message_box", "dialog"), reasons.OVERLAY)}
+ANOMALY_REASONS = {"burned_in_dialog": reasons.OVERLAY, "photograph": reasons.PICTURE,
+                   "saturated_window": f"{reasons.BROKEN}:clipped_window",
+                   "corrupted_rows": f"{reasons.BROKEN}:corrupted_rows"}
+
+
+def reason_of(label: int, kind: str, params: dict) -> str:
+    """The model class of a dataset image: ``valid``, or why it is invalid."""
+    if label:
+        return "valid"
+    if kind == "archive_anomaly":
+        return ANOMALY_REASONS[params["anomaly"]]
+    if "broken" in params:
+        return f"{reasons.BROKEN}:{realinvalid.BROKEN_SUBKINDS[params['broken']]}"
+    return KIND_REASONS[kind]
+
+
+@dataclass(frozen=True)
+class RealInvalid:
+    """Real invalid material (training.realinvalid): pictures, captured dialogs and windows.
+    Each file is one group of the split, so none is seen in two splits."""
+
+    pictures: tuple = ()  # realinvalid.Picture of photos and artwork
+    dialogs: tuple = ()  # paths of dialog screenshots
+    windows: tuple = ()  # realinvalid.Picture of captured application windows
 
 
 @dataclass(frozen=True)
@@ -73,7 +107,8 @@ class Writer:
         (self.out / relative).parent.mkdir(parents=True, exist_ok=True)
         (self.out / relative).write_bytes(render.encode_png(np.ascontiguousarray(pixels, np.uint8)))
         self.csv.writerow(dict(file=str(relative), label=label, **{"class": klass}, kind=kind, split=split,
-                               patient=patient, study=study, source=source, params=json.dumps(params or {})))
+                               patient=patient, study=study, source=source,
+                               reason=reason_of(label, kind, params or {}), params=json.dumps(params or {})))
         self.count += 1
         if klass != "test_valid":
             self.labels[split, label] += 1
@@ -83,7 +118,8 @@ class Writer:
 
 
 def build(out: Path, candidates: list[Candidate], load: Callable[[str], Valid | None], cfg: DatasetConfig,
-          custom_invalid: Path | None = None, test_valid: Path | None = None) -> dict:
+          custom_invalid: Path | None = None, test_valid: Path | None = None,
+          real: RealInvalid = RealInvalid()) -> dict:
     """Build the dataset in ``out``; returns the counts per split and class."""
     rng = np.random.default_rng(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,13 +129,20 @@ def build(out: Path, candidates: list[Candidate], load: Callable[[str], Valid | 
     group = (lambda c: c.patient) if cfg.split_by == "patient" else (lambda c: c.study)
     split_of = assign_splits([group(c) for c in candidates], cfg.ratios, rng)
     write = Writer(out)
+    split_real = {name: assign_splits([g(x) for x in files], cfg.ratios, rng) for name, files, g in (
+        ("pictures", real.pictures, lambda p: p.group), ("dialogs", real.dialogs, lambda p: p.name),
+        ("windows", real.windows, lambda p: p.group))}
+    real_in = {split: (tuple(p for p in real.pictures if split_real["pictures"][p.group] == split),
+                       tuple(p for p in real.dialogs if split_real["dialogs"][p.name] == split),
+                       tuple(p for p in real.windows if split_real["windows"][p.group] == split))
+               for split in SPLITS}
     try:
-        valid_images(write, candidates, load, split_of, group, cfg, rng)
+        valid_images(write, candidates, load, split_of, group, cfg, rng, real_in)
         if custom_invalid:
             for path in tqdm(pictures_in(custom_invalid), desc="custom invalid", unit="img"):
                 write(picture_pixels(path), 0, "invalid", "custom", str(rng.choice(SPLITS, p=cfg.ratios)),
                       source=str(path))
-        generated_invalid(write, cfg, rng)
+        generated_invalid(write, cfg, rng, real_in)
         if test_valid:
             for path in tqdm(sorted(p for p in test_valid.rglob("*") if p.is_file()), desc="test valid", unit="img"):
                 image = load_any(str(path))
@@ -110,9 +153,21 @@ def build(out: Path, candidates: list[Candidate], load: Callable[[str], Valid | 
     return {f"{split}/{'valid' if label else 'invalid'}": n for (split, label), n in write.labels.items()}
 
 
-def valid_images(write: Writer, candidates, load, split_of, group, cfg: DatasetConfig, rng) -> None:
+def derived_kinds(dialogs: tuple) -> dict[str, Callable]:
+    """Invalid images made from a valid one: Pillow-drawn boxes, broken renders, and where
+    there are captured dialogs, real dialogs burned in, wrong byte order and row stride."""
+    kinds = dict(invalid.DERIVED)
+    kinds.update(byte_order=realinvalid.byte_order, row_stride=realinvalid.row_stride)
+    if dialogs:
+        kinds["dialog"] = lambda image, rng: realinvalid.overlay_dialog(image, rng, dialogs)
+    return kinds
+
+
+def valid_images(write: Writer, candidates, load, split_of, group, cfg: DatasetConfig, rng,
+                 real_in: dict) -> None:
     """Originals, their augmentations, and the invalid images derived from them."""
-    kinds, derived = list(AUGMENTATIONS), list(invalid.DERIVED)
+    kinds = list(AUGMENTATIONS)
+    made = {split: derived_kinds(real_in[split][1]) for split in SPLITS}
     owed, turn = 0.0, 0
     for c in tqdm(candidates, desc="valid images", unit="img"):
         image = load(c.key)
@@ -129,33 +184,44 @@ def valid_images(write: Writer, candidates, load, split_of, group, cfg: DatasetC
             pixels, params = AUGMENTATIONS[kind](image, rng, cfg.augment)
             write(pixels, 1, "valid", kind, params=params, **where)
         owed += (1 + cfg.augmentations) * cfg.derived_share
+        derived = made[where["split"]]
         while owed >= 1:
-            kind = derived[int(rng.integers(len(derived)))]
-            pixels, params = invalid.DERIVED[kind](image, rng)
+            kind = list(derived)[int(rng.integers(len(derived)))]
+            try:
+                pixels, params = derived[kind](image, rng)
+            except realinvalid.NotApplicable:  # e.g. no byte order to swap in a colour image
+                continue
             write(pixels, 0, "invalid", kind, params=params, **where)
             owed -= 1
 
 
-def generated_invalid(write: Writer, cfg: DatasetConfig, rng) -> None:
+def generated_invalid(write: Writer, cfg: DatasetConfig, rng, real_in: dict) -> None:
     """Fill each split's invalid class up to its valid count (or ``max_invalid`` overall) with
-    pictures, textures, charts and screens. Packaged pictures are split by file, so no picture
-    is cropped into two splits."""
+    pictures, textures, charts and screens, and the split's own real pictures and captured
+    windows. Packaged pictures are split by file, so no picture is cropped into two splits."""
     valid = {s: write.labels[s, 1] for s in SPLITS}
     target = dict(valid)
     if cfg.max_invalid and sum(valid.values()) > cfg.max_invalid:
         target = {s: int(n * cfg.max_invalid / sum(valid.values())) for s, n in valid.items()}
     files = invalid.package_pictures()
     picture_split = assign_splits([p.name for p in files], cfg.ratios, rng)
-    kinds = list(invalid.GENERATED)
     total = sum(max(0, target[s] - write.labels[s, 0]) for s in SPLITS)
     with tqdm(total=total, desc="generated invalid", unit="img") as bar:
         for split in SPLITS:
+            pictures, _, windows = real_in[split]
+            makers = {"pictures": lambda r: invalid.picture(r, [p for p in files if picture_split[p.name] == split]),
+                      **{k: v for k, v in invalid.GENERATED.items() if k != "pictures"}}
+            photos = [p for p in pictures if p.kind in ("photo", "mixed")]
+            art = [p for p in pictures if p.kind in ("artwork", "mixed")]
+            for name, choices, maker in (("photos", photos, realinvalid.photos), ("artwork", art, realinvalid.artwork),
+                                         ("screenshots", windows, realinvalid.screenshots)):
+                if choices:
+                    makers[name] = lambda r, c=choices, m=maker: m(r, c)
+            # Real pictures are what an archive receives by mistake: they come twice per cycle.
+            kinds = list(makers) + [k for k in ("photos", "artwork", "screenshots") if k in makers]
             for i in range(max(0, target[split] - write.labels[split, 0])):
                 kind = kinds[i % len(kinds)]
-                if kind == "pictures":
-                    pixels, params = invalid.picture(rng, [p for p in files if picture_split[p.name] == split])
-                else:
-                    pixels, params = invalid.GENERATED[kind](rng)
+                pixels, params = makers[kind](rng)
                 write(pixels, 0, "invalid", kind, split, params=params)
                 bar.update()
 
@@ -170,8 +236,9 @@ def read_manifest(data: Path) -> list[dict]:
 
 
 def load_split(data: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """The model input of one split: ``preprocess.batch`` of the PNGs, labels, manifest rows."""
+    """The model input of one split: ``preprocess.batch`` of the PNGs, class indices into
+    ``reasons.CLASSES`` (0 = valid), manifest rows."""
     rows = [r for r in read_manifest(data) if r["split"] == split]
     images = [picture_pixels(data / r["file"]) for r in tqdm(rows, desc=f"loading {split}", unit="img")]
     x = preprocess.batch(images, size) if images else np.zeros((0, size, size, 1), np.float32)
-    return x, np.array([int(r["label"]) for r in rows], np.float32), rows
+    return x, np.array([reasons.CLASSES.index(r["reason"]) for r in rows], np.int64), rows

@@ -1,6 +1,6 @@
 """Keras → ONNX with tf2onnx, in the contract the plugin loads: input "image" (N, size, size, 1)
-float32 with a dynamic batch, output "p_valid" (N, 1), and metadata naming the preprocessing,
-input size, threshold, version and positive class."""
+float32 with a dynamic batch, outputs "p_valid" (N, 1) and "p_class" (N, classes), and metadata
+naming the preprocessing, input size, threshold, version, positive class and classes."""
 
 import time
 from pathlib import Path
@@ -11,7 +11,8 @@ import onnxruntime
 import tensorflow as tf
 import tf2onnx
 
-from minipacs import preprocess
+from minipacs import preprocess, reasons
+from training.model import with_p_valid
 
 OPSET = 13
 
@@ -19,14 +20,15 @@ OPSET = 13
 def to_onnx(model, path: Path, threshold: float, version: str) -> onnx.ModelProto:
     size = int(model.input_shape[1])
     signature = (tf.TensorSpec((None, size, size, 1), tf.float32, name="image"),)
-    proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
-    if [o.name for o in proto.graph.output] != ["p_valid"]:
+    proto, _ = tf2onnx.convert.from_keras(with_p_valid(model), input_signature=signature, opset=OPSET)
+    if [o.name for o in proto.graph.output] != ["p_valid", "p_class"]:
         raise RuntimeError(f"unexpected ONNX outputs {[o.name for o in proto.graph.output]}")
     metadata = {preprocess.METADATA_PREPROCESSING: preprocess.PREPROCESSING,
                 preprocess.METADATA_INPUT_SIZE: str(size),
                 preprocess.METADATA_THRESHOLD: str(threshold),
                 preprocess.METADATA_VERSION: version,
-                preprocess.METADATA_POSITIVE: "valid"}
+                preprocess.METADATA_POSITIVE: "valid",
+                reasons.METADATA_CLASSES: ",".join(reasons.CLASSES)}
     onnx.helper.set_model_props(proto, metadata)
     proto.producer_name = "minipacs-training"
     onnx.checker.check_model(proto)
@@ -41,7 +43,7 @@ def max_difference(model, path: Path, x: np.ndarray, batch_size: int = 64) -> fl
     worst = 0.0
     for start in range(0, len(x), batch_size):
         chunk = x[start:start + batch_size]
-        ours = session.run(["p_valid"], {"image": chunk})[0]
+        ours = session.run(["p_class"], {"image": chunk})[0]
         worst = max(worst, float(np.abs(ours - model(chunk, training=False).numpy()).max()))
     return worst
 

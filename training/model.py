@@ -1,4 +1,9 @@
-"""The Keras classifier: grey (size, size, 1) input in [0, 1] → one sigmoid, P(valid).
+"""The Keras classifier: grey (size, size, 1) input in [0, 1] → a softmax over
+``minipacs.reasons.CLASSES`` ("p_class": valid, then why an image is not), so that a flag says
+why. P(valid) is its first entry; :func:`with_p_valid` adds it as the output the plugin reads.
+
+The reason head replaced a single sigmoid P(valid) at the same size and cost: the last layer
+grows from 65 to 650 weights.
 
 ``minipacs`` (the default) was chosen by measurement against the predecessor's network (two
 conv blocks, Flatten, Dense 64 at 152×152; ``predecessor`` here): a strided first convolution
@@ -10,10 +15,13 @@ is (global pooling would not).
 """
 
 import keras
+import numpy as np
 from keras import layers
 from tqdm.keras import TqdmCallback
 
-OUTPUT = "p_valid"
+from minipacs.reasons import CLASSES
+
+OUTPUT, CLASS_OUTPUT = "p_valid", "p_class"
 
 
 def minipacs(size: int) -> keras.Model:
@@ -28,7 +36,7 @@ def minipacs(size: int) -> keras.Model:
     x = layers.Flatten()(x)
     x = layers.Dense(64, activation="relu")(x)
     x = layers.Dropout(0.3)(x)
-    outputs = layers.Dense(1, activation="sigmoid", name=OUTPUT)(x)
+    outputs = layers.Dense(len(CLASSES), activation="softmax", name=CLASS_OUTPUT)(x)
     return keras.Model(inputs, outputs, name="minipacs")
 
 
@@ -41,19 +49,30 @@ def predecessor(size: int) -> keras.Model:
     x = layers.MaxPooling2D()(x)
     x = layers.Flatten()(x)
     x = layers.Dense(64, activation="relu")(x)
-    outputs = layers.Dense(1, activation="sigmoid", name=OUTPUT)(x)
+    outputs = layers.Dense(len(CLASSES), activation="softmax", name=CLASS_OUTPUT)(x)
     return keras.Model(inputs, outputs, name="predecessor")
 
 
 ARCHITECTURES = {"minipacs": minipacs, "predecessor": predecessor}
 
 
+def with_p_valid(model: keras.Model) -> keras.Model:
+    """The model with two outputs, ``p_valid`` (N, 1) then ``p_class``: P(valid) is picked out
+    of the softmax by a fixed linear layer (no Lambda, so tf2onnx sees plain MatMul)."""
+    pick = layers.Dense(1, use_bias=False, trainable=False, name=OUTPUT)
+    p_valid = pick(model.output)
+    kernel = np.zeros((len(CLASSES), 1), np.float32)
+    kernel[0, 0] = 1.0
+    pick.set_weights([kernel])
+    return keras.Model(model.input, [p_valid, model.output], name=model.name)
+
+
 def train(model: keras.Model, train_data, validate_data, epochs: int, batch_size: int,
           patience: int, learning_rate: float) -> dict:
-    """Adam + binary cross-entropy; halves the step, then stops, when validation loss stops
-    improving, and keeps the best epoch's weights. Returns the history (per-epoch loss, accuracy
-    and learning rate)."""
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
+    """Adam + cross-entropy over the classes (labels: class indices); halves the step, then
+    stops, when validation loss stops improving, and keeps the best epoch's weights. Returns
+    the history (per-epoch loss, accuracy and learning rate)."""
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
     # Halving the step when validation loss stalls lets the last epochs settle the few hard

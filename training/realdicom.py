@@ -1,16 +1,16 @@
 """How an exported model judges real DICOM it never saw: every CT/MR/CR/DX image of the given
 files, rendered with its own window by the plugin's renderer, scored through ONNX Runtime as the
-plugin scores it. These images are all valid, so the share classified valid is the number."""
+plugin scores it (``minipacs.scoring.Scorer``: the checks by construction, the threshold and the
+reasons included). These images are all valid, so the share classified valid is the number."""
 
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from minipacs import preprocess, render
+from minipacs import render
+from minipacs.scoring import Scorer
 
 MODALITIES = {"CT", "MR", "CR", "DX"}
 
@@ -23,10 +23,7 @@ def pydicom_corpus() -> list[Path]:
 
 
 def score(onnx_path: Path, files: list[Path]) -> dict:
-    model = onnx.load(str(onnx_path))
-    meta = {p.key: p.value for p in model.metadata_props}
-    size, threshold = int(meta[preprocess.METADATA_INPUT_SIZE]), float(meta[preprocess.METADATA_THRESHOLD])
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    scorer = Scorer(onnx_path)
     results = []
     for path in files:
         try:
@@ -36,8 +33,9 @@ def score(onnx_path: Path, files: list[Path]) -> dict:
             pixels = render.render(ds).pixels
         except (render.NoPixelData, render.RenderError, InvalidDicomError, ValueError, OSError, AttributeError):
             continue
-        p = float(session.run(["p_valid"], {"image": preprocess.batch([pixels], size)})[0][0, 0])
-        results.append({"file": path.name, "modality": str(ds.Modality), "p_valid": round(p, 4),
-                        "valid": p >= threshold})
+        score = scorer.score(pixels)
+        results.append({"file": path.name, "modality": str(ds.Modality),
+                        "p_valid": round(1 - score.anomaly_score, 4), "valid": not score.flagged,
+                        "reason": score.reason})
     share = float(np.mean([r["valid"] for r in results])) if results else None
-    return {"images": len(results), "share_valid": share, "threshold": threshold, "files": results}
+    return {"images": len(results), "share_valid": share, "threshold": scorer.info.threshold, "files": results}

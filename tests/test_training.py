@@ -20,7 +20,8 @@ from minipacs import index, preprocess, reasons, render, synth
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PYTHON = ROOT / ".venv-training" / "bin" / "python"
 AUGMENTATIONS = {"window": {"window_center", "window_width"}, "blur": {"sigma"},
-                 "flip_rotate": {"rot90", "flip"}, "zoom": {"window_center", "window_width", "zoom"}}
+                 "flip_rotate": {"rot90", "flip"}, "zoom": {"window_center", "window_width", "zoom"},
+                 "matrix": {"matrix"}}
 INVALID_KINDS = ("pictures", "textures", "charts", "screens", "message_box", "broken", "custom", "artwork",
                  "screenshots", "dialog", "byte_order", "row_stride")
 SYNTH_PATIENTS = 6
@@ -129,6 +130,9 @@ def test_report(run):
     real = json.loads((run / "report" / "real_dicom.json").read_text())
     assert real["images"] > 10 and 0.0 <= real["share_valid"] <= 1.0
     assert list((run / "logs").glob("all-*.log"))
+    timings = json.loads((run / "report" / "timings.json").read_text())
+    assert set(timings) == {"dataset", "train", "evaluate", "export", "check-dicom", "all"}
+    assert 0 < sum(v for k, v in timings.items() if k != "all") <= timings["all"]
 
 
 def test_onnx_model_is_what_the_plugin_loads(run):

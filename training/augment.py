@@ -2,7 +2,7 @@
 
 Each is a change a real archive shows without the image being wrong: another window (from the
 modality values, through the plugin's ``render.window_linear``), a slightly softer
-reconstruction, another orientation, another field of view. Each returns the pixels and the
+reconstruction, another orientation, another field of view, a smaller matrix. Each returns the pixels and the
 random parameters it drew, which go into the manifest.
 """
 
@@ -74,5 +74,17 @@ def zoom(image: Valid, rng, cfg: AugmentConfig) -> tuple[np.ndarray, dict]:
     return np.asarray(out), {**params, "zoom": round(factor, 3)}
 
 
+def matrix(image: Valid, rng, cfg: AugmentConfig) -> tuple[np.ndarray, dict]:
+    """The same anatomy acquired on a smaller matrix (48–160 pixels on the long side, as small
+    MR fields of view, scouts and thumbnails are): the model sees it resized up from there."""
+    h, w = image.pixels.shape[:2]
+    side = min(int(rng.integers(48, 161)), int(max(h, w) * 0.8))  # always smaller than it was
+    scale = side / max(h, w)
+    small = Image.fromarray(image.pixels).resize((max(8, round(w * scale)), max(8, round(h * scale))),
+                                                 Image.Resampling.BOX)
+    return np.asarray(small), {"matrix": [small.height, small.width]}
+
+
 #: Subfolder name → augmentation, in the order they are cycled through.
-AUGMENTATIONS = {"window": random_window, "blur": blur, "flip_rotate": flip_rotate, "zoom": zoom}
+AUGMENTATIONS = {"window": random_window, "blur": blur, "flip_rotate": flip_rotate, "zoom": zoom,
+                 "matrix": matrix}

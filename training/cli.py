@@ -303,14 +303,19 @@ def main(argv: list[str] | None = None) -> int:
         run_check_dicom(args.onnx, args.files, args.pydicom_corpus, args.json)
     else:
         start_log(args.run, "all")
-        started = time.perf_counter()
+        started, steps = time.perf_counter(), {}
         data = args.run / "dataset"
-        run_dataset(args, data)
-        run_train(args, data, args.run)
-        run_evaluate(args, data, args.run)
-        run_export(args, data, args.run)
+        chain = [("dataset", lambda: run_dataset(args, data)), ("train", lambda: run_train(args, data, args.run)),
+                 ("evaluate", lambda: run_evaluate(args, data, args.run)),
+                 ("export", lambda: run_export(args, data, args.run))]
         if args.pydicom_corpus:
-            run_check_dicom(args.onnx or args.run / "minipacs-anomaly.onnx", [], True,
-                            args.run / "report" / "real_dicom.json")
-        log.info("all done in %.0f s", time.perf_counter() - started)
+            chain.append(("check-dicom", lambda: run_check_dicom(args.onnx or args.run / "minipacs-anomaly.onnx",
+                                                                  [], True, args.run / "report" / "real_dicom.json")))
+        for name, step in chain:
+            step_started = time.perf_counter()
+            step()
+            steps[name] = round(time.perf_counter() - step_started, 1)
+        steps["all"] = round(time.perf_counter() - started, 1)
+        (args.run / "report" / "timings.json").write_text(json.dumps(steps, indent=2))
+        log.info("all done in %.0f s (seconds per step: %s)", steps["all"], steps)
     return 0

@@ -437,7 +437,8 @@ def volume_images(src: Source, member: str, volume: Volume, group: str, rng,
         keep = [i for i in range(n)
                 if _content_fraction(np.take(data, i, axis=axis), modality, reference) >= least]
         planes += [(view, axis, i, row_mm, col_mm) for i in keep]
-    n_drr = max(2, per_volume // 8) if (src.drr and modality == "CT") else 0
+    # Real radiographs are the scarcest real images: a third of a CT volume's share are DRRs.
+    n_drr = max(2, per_volume // 3) if (src.drr and modality == "CT") else 0
     n_slices = max(0, per_volume - n_drr)
     if planes and n_slices:
         axial = [p for p in planes if p[0] == "axial"]
@@ -475,6 +476,12 @@ def drr_image(src: Source, member: str, volume: Volume, group: str, rng, lateral
     (Beer–Lambert: the detector sees I0·exp(−∫μ)), Poisson detector noise, log again, a little
     blur, 12-bit stored values as CR or DX, MONOCHROME2 or its inverted MONOCHROME1 twin."""
     data, (sz, sy, sx) = volume.data, volume.spacing
+    # Another patient position: part of the z range, the body turned a little about its axis.
+    keep = max(8, int(data.shape[0] * rng.uniform(0.6, 1.0)))
+    first = int(rng.integers(0, data.shape[0] - keep + 1))
+    angle = float(rng.uniform(-12, 12))
+    data = np.stack([np.asarray(Image.fromarray(s.astype(np.float32), mode="F").rotate(
+        angle, Image.Resampling.BILINEAR, fillcolor=-1000.0)) for s in data[first:first + keep]])
     mu_water = 0.0195  # 1/mm near 70 keV
     mu = np.clip(mu_water * (1.0 + data / 1000.0), 0.0, None)
     mu[data > 200] *= 1.0 + (data[data > 200] - 200) / 2500.0  # bone hardens more than water-like
@@ -499,7 +506,7 @@ def drr_image(src: Source, member: str, volume: Volume, group: str, rng, lateral
                        "DRR lateral" if lateral else "DRR AP")
     view_name = "lateral" if lateral else "AP"
     return RealImage(group, f"{src.registry}:{src.package}@{src.version}/{member} drr {view_name} "
-                            f"{photometric} {modality} I0={i0:.0f}",
+                            f"{photometric} {modality} I0={i0:.0f} z{first}+{keep} rot{angle:.0f}",
                      modality, "drr", rendered(ds))
 
 

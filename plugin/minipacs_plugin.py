@@ -57,8 +57,10 @@ logging.getLogger("pydicom").addHandler(_OrthancLog(quiet=True))
 logging.getLogger("pydicom").propagate = False
 
 # Scores are also kept in Orthanc: as instance metadata (declared in "UserMetadata"), and as a
-# label on studies with a flagged image where Orthanc has labels (1.12 and later).
+# label on studies with a flagged image where Orthanc has labels (1.12 and later). A flagged
+# image also gets its reason (minipacs.reasons), where that metadata is declared too.
 SCORE_METADATA, FLAG_METADATA, FLAG_LABEL = "MiniPacsAnomalyScore", "MiniPacsFlagged", "minipacs-flagged"
+REASON_METADATA = "MiniPacsAnomalyReason"
 PIXEL_FORMATS = {value: name for name, value in vars(orthanc.PixelFormat).items()
                  if not name.startswith("_")}
 LEVELS = {orthanc.ResourceType.PATIENT: "patients", orthanc.ResourceType.STUDY: "studies",
@@ -80,8 +82,8 @@ def orthanc_version() -> tuple[str, bool]:
 class Lookup:
     """Orthanc, asked from the worker threads only (never from a store callback)."""
 
-    def __init__(self, metadata: bool):
-        self.metadata = metadata
+    def __init__(self, metadata: bool, reason_metadata: bool = False):
+        self.metadata, self.reason_metadata = metadata, reason_metadata
 
     def tags(self, instance_id: str) -> dict:
         return rest_get(f"/instances/{instance_id}/simplified-tags")
@@ -102,6 +104,10 @@ class Lookup:
                                f"{score.anomaly_score:.6f}")
             orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{FLAG_METADATA}",
                                "1" if score.flagged else "0")
+        if self.reason_metadata and score.flagged and score.reason:
+            # Only flagged images: the others cost no third write. A reason left by an earlier
+            # flag stays beside MiniPacsFlagged = 0, which says it no longer holds.
+            orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{REASON_METADATA}", score.reason)
         if score.flagged and orthanc_version()[1]:
             orthanc.RestApiPut(f"/studies/{study_id}/labels/{FLAG_LABEL}", "")
 
@@ -134,7 +140,11 @@ class MiniPacs:
         if not metadata:
             log.warning("declare %s and %s in UserMetadata to see scores in Orthanc",
                         SCORE_METADATA, FLAG_METADATA)
-        self.lookup = Lookup(metadata)
+        reason_metadata = REASON_METADATA in declared
+        if metadata and not reason_metadata:
+            log.warning("declare %s in UserMetadata to see why images are flagged in Orthanc",
+                        REASON_METADATA)
+        self.lookup = Lookup(metadata, reason_metadata)
         self.models = ModelSlot(config.model_path, config.anomaly_threshold)
         self.models.try_load()
         if self.models.error:

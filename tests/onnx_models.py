@@ -2,14 +2,15 @@
 
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from minipacs import preprocess
+from minipacs import preprocess, reasons
 
 
 def brightness_model(path: Path, size: int = 16, threshold: float = 0.5, version: str = "test-brightness",
-                     preprocessing: str = preprocess.PREPROCESSING) -> Path:
+                     preprocessing: str = preprocess.PREPROCESSING, metadata: dict | None = None) -> Path:
     """P(valid) = the mean of the preprocessed image: bright images are 'valid', dark ones not."""
     image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", size, size, 1])
     p_valid = helper.make_tensor_value_info("p_valid", TensorProto.FLOAT, ["n", 1])
@@ -25,6 +26,45 @@ def brightness_model(path: Path, size: int = 16, threshold: float = 0.5, version
         preprocess.METADATA_THRESHOLD: str(threshold),
         preprocess.METADATA_VERSION: version,
         preprocess.METADATA_POSITIVE: "valid",
+        **(metadata or {}),
+    })
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def reason_model(path: Path, slopes: dict[str, float], intercepts: dict[str, float] | None = None,
+                 size: int = 16, threshold: float = 0.5, version: str = "test-reasons",
+                 classes: tuple[str, ...] = reasons.CLASSES) -> Path:
+    """The brightness model (P(valid) = the mean m of the preprocessed image) with a second
+    output, as training exports: ``p_class`` = softmax over ``classes`` of slope·m + intercept
+    (0 for a class not named), and the classes in the ``minipacs.classes`` metadata. Choosing the
+    slopes chooses which class is likeliest at which brightness."""
+    intercepts = intercepts or {}
+    for name in (*slopes, *intercepts):
+        assert name in classes, name
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", size, size, 1])
+    p_valid = helper.make_tensor_value_info("p_valid", TensorProto.FLOAT, ["n", 1])
+    p_class = helper.make_tensor_value_info("p_class", TensorProto.FLOAT, ["n", len(classes)])
+    row = lambda values: np.array([[values.get(c, 0.0) for c in classes]], np.float32)  # noqa: E731
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+         helper.make_node("ReduceMean", ["flat"], ["p_valid"], axes=[1], keepdims=1),
+         helper.make_node("Mul", ["p_valid", "slopes"], ["scaled"]),
+         helper.make_node("Add", ["scaled", "intercepts"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["p_class"], axis=1)],
+        "reasons", [image], [p_valid, p_class],
+        initializer=[numpy_helper.from_array(row(slopes), "slopes"),
+                     numpy_helper.from_array(row(intercepts), "intercepts")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.helper.set_model_props(model, {
+        preprocess.METADATA_PREPROCESSING: preprocess.PREPROCESSING,
+        preprocess.METADATA_INPUT_SIZE: str(size),
+        preprocess.METADATA_THRESHOLD: str(threshold),
+        preprocess.METADATA_VERSION: version,
+        preprocess.METADATA_POSITIVE: "valid",
+        reasons.METADATA_CLASSES: ",".join(classes),
     })
     onnx.checker.check_model(model)
     onnx.save(model, path)

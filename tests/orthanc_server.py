@@ -67,7 +67,8 @@ class OrthancServer:
             "HttpCompressionEnabled": False,  # as orthanc.json: the clients are on this host
             "Plugins": [str(PLUGINS / "libOrthancPython.so"), str(PLUGINS / "libOrthancDicomWeb.so")],
             "PythonScript": str(ROOT / "plugin" / "minipacs_plugin.py"),
-            "UserMetadata": {"MiniPacsAnomalyScore": 4301, "MiniPacsFlagged": 4302},
+            "UserMetadata": {"MiniPacsAnomalyScore": 4301, "MiniPacsFlagged": 4302,
+                             "MiniPacsAnomalyReason": 4303},
             "MiniPacs": {"DataDirectory": str(self.data)},
             **overrides,
         }

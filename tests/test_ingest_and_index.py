@@ -1,6 +1,7 @@
 """The pipeline and the index, without Orthanc: real files in, rows and PNGs out."""
 
 import io
+import re
 import sqlite3
 import threading
 import time
@@ -410,14 +411,14 @@ def test_the_flagged_counter_follows_scores_replacements_and_deletions(index):
     for n in range(4):
         index.put(record(sop=f"1.2.3.{n}"))
     ids = [index.get(idx.IMAGES, f"1.2.3.{n}")["OrthancID"] for n in range(4)]
-    score = {"anomaly_score": 0.9, "model_version": "m", "threshold": 0.5}
+    score = {"anomaly_score": 0.9, "model_version": "m", "threshold": 0.5, "anomaly_reason": "picture"}
     index.set_scores([{"orthanc_id": i, **score, "flagged": 1} for i in ids[:3]])
-    index.set_scores([{"orthanc_id": ids[0], **score, "flagged": 0}])  # rescored: not any more
+    index.set_scores([{"orthanc_id": ids[0], **score, "flagged": 0, "anomaly_reason": None}])  # rescored: not any more
     resent = record(sop="1.2.3.1")
     resent.image["flagged"] = 0  # re-sent, and scored valid this time
     index.put(resent)
     index.delete("images", ids[2])
-    index.set_scores([{"orthanc_id": ids[3], **score, "flagged": None}])
+    index.set_scores([{"orthanc_id": ids[3], **score, "flagged": None, "anomaly_reason": None}])
     assert index.flagged_count() == flagged() == 0
     index.set_scores([{"orthanc_id": i, **score, "flagged": 1} for i in (ids[0], ids[3])])
     assert index.flagged_count() == flagged() == 2
@@ -451,7 +452,8 @@ def test_writers_in_several_threads_never_wait_in_sqlites_busy_handler(index):
             for n in range(40):
                 index.put_many([record(patient=f"P{thread}", sop=f"1.2.3.{thread}.{n}.{k}") for k in range(20)])
                 index.set_scores([{"orthanc_id": orthanc_ids(f"P{thread}", "1.2", "1.2.3", f"1.2.3.{thread}.{n}.0").instance,
-                                   "anomaly_score": 0.5, "flagged": 0, "model_version": "m", "threshold": 0.5}])
+                                   "anomaly_score": 0.5, "flagged": 0, "anomaly_reason": None,
+                                   "model_version": "m", "threshold": 0.5}])
         except sqlite3.OperationalError as exc:
             errors.append(exc)
 
@@ -509,13 +511,15 @@ def test_each_image_keeps_its_json_answer_through_every_write(tmp_path, index):
     index.put(record(sop="1.2.3.0", status=idx.RENDER_FAILED, modality="MR"))  # re-sent
     image = index.get(idx.IMAGES, "1.2.3.1")
     index.set_scores([{"orthanc_id": image["OrthancID"], "anomaly_score": 0.1 + 0.2,
-                       "flagged": 1, "model_version": "m", "threshold": 0.5}])
+                       "flagged": 1, "anomaly_reason": "broken_render:noise", "model_version": "m",
+                       "threshold": 0.5}])
     respelled = record(sop="1.2.3.2")
     respelled.patient["patient_id"] = "P "
     index.put(respelled)
     assert stale_items(index) == []
     rescored = index.get(idx.IMAGES, "1.2.3.1")
     assert (rescored["AnomalyScore"], rescored["Flagged"]) == (0.1 + 0.2, True)
+    assert rescored["AnomalyReason"] == "broken_render:noise"
     assert {i["PatientID"] for i in index.page(idx.IMAGES, 10, 0)[0]} == {"P "}
     # An index made before images kept their answer gets it for every row on opening.
     index._connection().executescript(
@@ -605,3 +609,37 @@ def test_pngs_are_written_whole_new_or_replaced(tmp_path):
     write_png(path, b"second, longer")  # a re-sent instance: replaced through a rename
     assert path.read_bytes() == b"second, longer"
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_an_index_made_before_reasons_gains_anomaly_reason_in_every_item(tmp_path, monkeypatch):
+    """An index written by the version before reasons (6baddad: no anomaly_reason column, item
+    triggers without the key) gets the column, the new triggers and every row's answer
+    rewritten on opening, its scores kept."""
+    with monkeypatch.context() as older:
+        older.setattr(idx, "SCHEMA", re.sub(r"\n *anomaly_reason TEXT,[^\n]*", "", idx.SCHEMA))
+        older.setattr(idx, "_IMAGE", tuple(c for c in idx._IMAGE if c[0] != "AnomalyReason"))
+        before = idx.Index(tmp_path / "old.sqlite")
+        for n in range(3):
+            before.put(record(sop=f"1.2.3.{n}"))
+        with before._connection() as db:  # as that version's set_scores wrote
+            db.execute("UPDATE images SET anomaly_score = 0.9, flagged = 1, model_version = 'm', "
+                       "threshold = 0.5 WHERE sop_uid = '1.2.3.1'")
+        columns = {row[1] for row in before._connection().execute("PRAGMA table_info(images)")}
+        assert "anomaly_reason" not in columns
+        old_items = before.page(idx.IMAGES, 10, 0)[0]
+        assert old_items[1]["AnomalyScore"] == 0.9
+        assert not any("AnomalyReason" in item for item in old_items)
+        before.close()
+    index = idx.Index(tmp_path / "old.sqlite")
+    items = index.page(idx.IMAGES, 10, 0)[0]
+    assert [item["AnomalyReason"] for item in items] == [None] * 3 and stale_items(index) == []
+    assert [{k: v for k, v in item.items() if k != "AnomalyReason"} for item in items] == old_items
+    flagged = index.get(idx.IMAGES, "1.2.3.1")
+    index.set_scores([{"orthanc_id": flagged["OrthancID"], "anomaly_score": 0.95, "flagged": 1,
+                       "anomaly_reason": "picture", "model_version": "m2", "threshold": 0.5}])
+    assert index.get(idx.IMAGES, "1.2.3.1")["AnomalyReason"] == "picture"
+    index.close()
+    # Opening it again finds the triggers current: the answers are not rewritten again.
+    with sqlite3.connect(index.path) as db:
+        db.execute("UPDATE images SET item = json_set(item, '$.Marker', 1)")
+    assert "Marker" in idx.Index(index.path).get(idx.IMAGES, "1.2.3.0")

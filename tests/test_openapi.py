@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from minipacs import openapi, synth
+from minipacs import openapi, reasons, synth
 from minipacs.index import Index
 from minipacs.routes import Router
 from onnx_models import brightness_model
@@ -29,6 +29,17 @@ def test_every_route_is_described_and_every_description_is_a_route(tmp_path):
     described = {re.sub(r"\{[^}]+\}", "X", p).removeprefix("/minipacs/") for p in document["paths"]}
     for pattern, handlers in router.routes:
         assert any(pattern.fullmatch(path) for path in described), pattern.pattern
+
+
+def test_reasons_are_described():
+    document = openapi.document()
+    parameters = document["paths"]["/minipacs/anomalies"]["get"]["parameters"]
+    reason = next(p for p in parameters if p["name"] == "reason")
+    assert reason["schema"]["enum"] == [*reasons.REASONS, "broken_render", "anomaly"]
+    schemas = document["components"]["schemas"]
+    for name in ("Image", "Score"):
+        assert schemas[name]["properties"]["AnomalyReason"] == {"type": ["string", "null"]}
+    assert schemas["Model"]["properties"]["Reasons"] == {"type": "array", "items": {"type": "string"}}
 
 
 @pytest.fixture(scope="module")

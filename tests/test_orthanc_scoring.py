@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from minipacs import synth
-from onnx_models import brightness_model
+from minipacs import reasons, synth
+from onnx_models import brightness_model, reason_model
 from orthanc_server import OrthancServer
 
 
@@ -36,6 +36,12 @@ def test_every_rendered_image_is_scored_and_mirrored_in_orthanc(scored):
         assert metadata.status_code == 200 and float(metadata.text) == pytest.approx(image["AnomalyScore"], abs=1e-6)
         flag = scored.get(f"/instances/{image['OrthancID']}/metadata/MiniPacsFlagged").text
         assert flag == ("1" if image["Flagged"] else "0")
+        reason = scored.get(f"/instances/{image['OrthancID']}/metadata/MiniPacsAnomalyReason")
+        if image["Flagged"]:  # a binary model's flag, or a render blank by construction
+            assert image["AnomalyReason"] in ("anomaly", "broken_render:blank", "broken_render:clipped_window")
+            assert reason.status_code == 200 and reason.text == image["AnomalyReason"]
+        else:  # an image that is not flagged gets no third metadata
+            assert image["AnomalyReason"] is None and reason.status_code == 404
 
 
 def test_anomalies_route_lists_exactly_the_flagged_images(scored):
@@ -57,9 +63,12 @@ def test_orthanc_1_10_has_no_labels_and_minipacs_knows(scored):
 
 
 def test_swapping_the_model_and_rescoring_without_a_restart(scored):
-    strict = brightness_model(scored.work / "strict.onnx", size=16, threshold=0.999, version="strict")
+    # Flags everything; dark images look like pictures, bright ones like overlays.
+    strict = reason_model(scored.work / "strict.onnx", {"picture": -10.0, "overlay": 10.0},
+                          {"picture": 5.0, "overlay": -5.0}, size=16, threshold=0.999, version="strict")
     answer = scored.session.post(scored.url + "/minipacs/model/reload", json={"Path": str(strict)})
     assert answer.status_code == 200 and answer.json()["Version"] == "strict"
+    assert answer.json()["Reasons"] == list(reasons.REASONS)
     assert scored.json("/minipacs/model")["Version"] == "strict"
     started = scored.session.post(scored.url + "/minipacs/rescore")
     assert started.status_code == 200
@@ -72,6 +81,19 @@ def test_swapping_the_model_and_rescoring_without_a_restart(scored):
     assert all(i["ModelVersion"] == "strict" and i["Flagged"] for i in images)
     sample = images[0]["OrthancID"]
     assert scored.get(f"/instances/{sample}/metadata/MiniPacsFlagged").text == "1"
+    assert {i["AnomalyReason"] for i in images} <= set(reasons.REASONS)
+    assert {"picture", "overlay"} & {i["AnomalyReason"] for i in images}, "the model's classes name them"
+    for image in images:  # rescoring writes each flag's reason into Orthanc too
+        reason = scored.get(f"/instances/{image['OrthancID']}/metadata/MiniPacsAnomalyReason")
+        assert reason.status_code == 200 and reason.text == image["AnomalyReason"]
+    pictures = scored.json("/minipacs/anomalies?limit=1000&reason=picture")["items"]
+    assert {i["SOPInstanceUID"] for i in pictures} == {
+        i["SOPInstanceUID"] for i in images if i["AnomalyReason"] == "picture"}
+    for reason in reasons.REASONS:  # requests writes ":" as "%3A", which Orthanc leaves so
+        answer = scored.get("/minipacs/anomalies", params={"reason": reason, "limit": 1000})
+        assert answer.status_code == 200 and all(i["AnomalyReason"] == reason for i in answer.json()["items"])
+    bad_reason = scored.get("/minipacs/anomalies?reason=nonsense")
+    assert bad_reason.status_code == 400 and bad_reason.json()["Reasons"] == list(reasons.FILTERS)
     bad = scored.session.post(scored.url + "/minipacs/model/reload", data=b'{"Path": "/nope.onnx"}')
     assert bad.status_code == 404 and scored.json("/minipacs/model")["Version"] == "strict"
 

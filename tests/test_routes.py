@@ -5,6 +5,7 @@ import json
 import pytest
 
 from minipacs import index as idx
+from minipacs import reasons
 from minipacs.ingest import Settings
 from minipacs.routes import Router
 from test_ingest_and_index import run
@@ -147,7 +148,7 @@ def test_images_by_status_have_their_total(router):
 def test_anomalies_by_patient_study_series_and_modality(router):
     _, images = get(router, "images", status="rendered")
     router.index.set_scores([{"orthanc_id": image["OrthancID"], "anomaly_score": score, "flagged": 1,
-                              "model_version": "test", "threshold": 0.5}
+                              "anomaly_reason": "picture", "model_version": "test", "threshold": 0.5}
                              for image, score in zip(images["items"], (0.7, 0.9, 0.8))])
     _, everything = get(router, "anomalies")
     assert [i["AnomalyScore"] for i in everything["items"]] == [0.9, 0.8, 0.7]
@@ -158,6 +159,37 @@ def test_anomalies_by_patient_study_series_and_modality(router):
             _, page = get(router, "anomalies", **{key: image[field]})
             assert (page["items"], page["total"]) == (expected, len(expected)), key
     assert get(router, "anomalies", limit=1, offset=1)[1]["items"] == everything["items"][1:2]
+
+
+def test_anomalies_by_reason_and_its_family(router):
+    _, images = get(router, "images", status="rendered")
+    why = ("broken_render:noise", "picture", "broken_render:blank")
+    router.index.set_scores([{"orthanc_id": image["OrthancID"], "anomaly_score": score, "flagged": 1,
+                              "anomaly_reason": reason, "model_version": "test", "threshold": 0.5}
+                             for image, score, reason in zip(images["items"], (0.7, 0.9, 0.8), why)])
+
+    def found(reason, **query):
+        status, page = get(router, "anomalies", reason=reason, **query)
+        assert status == 200 and page["total"] == len(page["items"]), reason
+        return [i["AnomalyReason"] for i in page["items"]]
+
+    assert found("broken_render") == ["broken_render:blank", "broken_render:noise"]  # by score
+    assert found("broken_render:noise") == ["broken_render:noise"]
+    assert found("broken_render%3Anoise") == ["broken_render:noise"]  # as Orthanc hands it over
+    assert found("picture") == ["picture"]
+    assert found("overlay") == found("anomaly") == found("broken_render:truncated") == []
+    assert found("") == ["picture", "broken_render:blank", "broken_render:noise"]  # no filter
+    noisy = images["items"][0]
+    assert sorted(found("broken_render", modality=noisy["Modality"])) == sorted(
+        r for i, r in zip(images["items"], why) if i["Modality"] == noisy["Modality"] and r != "picture")
+    for nonsense in ("nonsense", "broken", "broken_render:", "pict*", "picture:x", "Picture"):
+        status, error = get(router, "anomalies", reason=nonsense)
+        assert status == 400 and error["status"] == 400, nonsense
+        assert repr(nonsense) in error["error"] and "broken_render:noise" in error["error"]
+        assert error["Reasons"] == [*reasons.REASONS, "broken_render", "anomaly"]
+    status, score = get(router, f"images/{noisy['SOPInstanceUID']}/score")
+    assert status == 200 and score["AnomalyReason"] == "broken_render:noise"
+    assert get(router, f"images/{noisy['SOPInstanceUID']}")[1]["AnomalyReason"] == "broken_render:noise"
 
 
 def strict(body: bytes):
@@ -172,7 +204,8 @@ def test_pages_written_by_sqlite_give_back_the_stored_values(router):
     _, images = get(router, "images", status="rendered")
     scores = (0.1 + 0.2, 1 / 3, 0.5000000000000001)
     router.index.set_scores([{"orthanc_id": image["OrthancID"], "anomaly_score": score,
-                              "flagged": score > 0.5, "model_version": "test", "threshold": 2 ** -30}
+                              "flagged": score > 0.5, "anomaly_reason": "overlay" if score > 0.5 else None,
+                              "model_version": "test", "threshold": 2 ** -30}
                              for image, score in zip(images["items"], scores)])
     with router.index._connection() as db:
         db.execute("UPDATE images SET window_width = 9e999, rescale_slope = 1e-310")
@@ -181,6 +214,7 @@ def test_pages_written_by_sqlite_give_back_the_stored_values(router):
     assert sorted(i["AnomalyScore"] for i in page["items"]) == sorted(scores)
     for image in page["items"]:
         assert image["Flagged"] is (image["AnomalyScore"] > 0.5) and image["Threshold"] == 2 ** -30
+        assert image["AnomalyReason"] == ("overlay" if image["Flagged"] else None)
         assert image["Inverted"] in (True, False) and image["WindowWidth"] is None
         assert image["RescaleSlope"] == 1e-310
         assert strict(router.handle("GET", f"images/{image['SOPInstanceUID']}", {}).body) == image

@@ -7,12 +7,13 @@ import pytest
 
 from corpus import find
 from minipacs import index as idx
+from minipacs import reasons
 from minipacs.ingest import Settings, ingest, ingest_many
 from minipacs.preprocess import model_input
 from minipacs.rescore import Busy, Rescorer
 from minipacs.routes import Router
 from minipacs.scoring import ModelError, ModelSlot, Scorer
-from onnx_models import brightness_model
+from onnx_models import brightness_model, reason_model
 from test_ingest_and_index import OfflineLookup, instance_id_of
 
 
@@ -21,21 +22,116 @@ def model(tmp_path):
     return brightness_model(tmp_path / "bright.onnx", size=16, threshold=0.5)
 
 
+def gradient(low: int, high: int, shape=(40, 30)) -> np.ndarray:
+    """Grey levels from ``low`` to ``high``: not blank, not clipped, so only the model decides."""
+    rows, cols = shape[:2]
+    ramp = np.linspace(low, high, rows * cols).reshape(rows, cols).round().astype(np.uint8)
+    return np.repeat(ramp[..., np.newaxis], shape[2], axis=2) if len(shape) == 3 else ramp
+
+
 def test_scores_are_the_models_output(model):
     scorer = Scorer(model)
-    grey = np.full((40, 30), 51, np.uint8)  # P(valid) = 0.2
-    rgb = np.full((20, 20, 3), 230, np.uint8)
-    p = scorer.p_valid([grey, rgb])
+    grey = gradient(20, 82)  # P(valid) about 0.2
+    rgb = gradient(205, 250, (20, 20, 3))
+    p, why = scorer.predict([grey, rgb])
     assert p == pytest.approx([model_input(grey, 16).mean(), model_input(rgb, 16).mean()])
+    assert why == ["anomaly", "anomaly"]  # a model that only says valid or not
     dark, bright = scorer.scores([grey, rgb])
-    assert dark.flagged and dark.anomaly_score == pytest.approx(0.8)
+    assert dark.flagged and dark.anomaly_score == pytest.approx(1 - model_input(grey, 16).mean())
+    assert dark.reason == "anomaly" and bright.reason is None
     assert not bright.flagged and bright.model_version == "test-brightness"
     assert scorer.info.input_size == 16 and scorer.info.threshold == 0.5
+    assert scorer.info.as_json()["Reasons"] == ["anomaly"]
 
 
 def test_configured_threshold_overrides_the_models(model):
     scorer = Scorer(model, threshold=0.1)
-    assert not scorer.score(np.full((8, 8), 51, np.uint8)).flagged
+    assert not scorer.score(gradient(20, 82, (8, 8))).flagged
+
+
+def clipped_window(size: int = 100, unclipped: int = 10) -> np.ndarray:
+    """A window so narrow that all but ``unclipped`` pixels are black or white."""
+    pixels = np.zeros((size, size), np.uint8)
+    pixels[size // 2:] = 255
+    pixels.flat[size:size + unclipped] = 128  # in row 1: between the rows sampled first
+    return pixels
+
+
+@pytest.mark.parametrize("pixels, reason", [
+    (np.full((40, 30), 51, np.uint8), "broken_render:blank"),
+    (np.full((40, 30), 230, np.uint8), "broken_render:blank"),
+    (np.full((20, 20, 3), (0, 128, 255), np.uint8) * 0 + 7, "broken_render:blank"),
+    (gradient(100, 103), "broken_render:blank"),  # 4 grey levels: read-out noise on a flat frame
+    (clipped_window(), "broken_render:clipped_window"),
+    (clipped_window(unclipped=0), "broken_render:clipped_window"),
+])
+def test_blank_and_clipped_renders_are_flagged_whatever_the_model_says(tmp_path, pixels, reason):
+    lenient = brightness_model(tmp_path / "lenient.onnx", threshold=0.0)  # never flags
+    says_valid = reason_model(tmp_path / "valid.onnx", {}, {"valid": 100.0, "picture": 5.0}, threshold=0.0)
+    for scorer in (Scorer(lenient), Scorer(says_valid)):
+        score = scorer.score(pixels)
+        assert (score.flagged, score.anomaly_score, score.reason) == (True, 1.0, reason)
+    assert reasons.by_construction(pixels) == reason
+
+
+@pytest.mark.parametrize("pixels", [
+    gradient(100, 104),  # 5 grey levels: shown
+    clipped_window(unclipped=100),  # 1 % unclipped: a narrow window, but one that shows something
+    np.where(clipped_window(unclipped=0)[..., np.newaxis], np.uint8(255), np.uint8(0)).repeat(3, axis=2),
+])
+def test_images_that_show_something_are_left_to_the_model(tmp_path, pixels):
+    """Five grey levels are an image; a colour image has no window to clip."""
+    assert reasons.by_construction(pixels) is None
+    assert not Scorer(brightness_model(tmp_path / "lenient.onnx", threshold=0.0)).score(pixels).flagged
+
+
+SLOPES = {"picture": -10.0, "overlay": 10.0}  # dark images look like pictures, bright ones overlays
+INTERCEPTS = {"valid": 100.0, "picture": 5.0, "overlay": -5.0}  # valid the likeliest class of all
+
+
+def test_the_reason_is_the_likeliest_class_other_than_valid(tmp_path):
+    path = reason_model(tmp_path / "reasons.onnx", SLOPES, INTERCEPTS, threshold=0.99)
+    scorer = Scorer(path)
+    dark, bright, middle = gradient(20, 82), gradient(175, 235), gradient(100, 155)
+    p, why = scorer.predict([dark, bright, middle])
+    means = [model_input(image, 16).mean() for image in (dark, bright, middle)]
+    assert p == pytest.approx(means)
+    expected = []
+    for m in means:  # the softmax's argmax over the non-valid classes, worked out here
+        logits = {c: SLOPES.get(c, 0.0) * m + INTERCEPTS.get(c, 0.0) for c in reasons.CLASSES}
+        expected.append(max(reasons.REASONS, key=logits.__getitem__))
+    assert why == expected == ["picture", "overlay", "picture"]
+    scores = scorer.scores([dark, bright, middle])
+    assert [s.reason for s in scores] == expected and all(s.flagged for s in scores)
+    assert scores[0].anomaly_score == pytest.approx(1 - means[0])
+    # Not flagged: no reason, whatever the classes say.
+    assert Scorer(path, threshold=0.5).score(bright).reason is None
+    # Proven by construction: that reason, not the model's.
+    assert scorer.score(np.full((16, 16), 30, np.uint8)).reason == "broken_render:blank"
+    info = scorer.info.as_json()
+    assert info["Reasons"] == list(reasons.REASONS) and info["Version"] == "test-reasons"
+
+
+def test_a_model_reads_its_own_list_of_classes(tmp_path):
+    classes = ("valid", "overlay", "broken_render:noise")
+    scorer = Scorer(reason_model(tmp_path / "short.onnx", {"overlay": -20.0, "broken_render:noise": 20.0},
+                                 {"overlay": 10.0, "broken_render:noise": -10.0}, classes=classes,
+                                 threshold=1.0))
+    assert scorer.predict([gradient(20, 40), gradient(200, 240)])[1] == ["overlay", "broken_render:noise"]
+    assert scorer.info.as_json()["Reasons"] == ["overlay", "broken_render:noise"]
+
+
+def test_a_model_naming_classes_without_a_p_class_output_is_refused(tmp_path):
+    named = brightness_model(tmp_path / "named.onnx",
+                             metadata={reasons.METADATA_CLASSES: ",".join(reasons.CLASSES)})
+    with pytest.raises(ModelError, match="no p_class output"):
+        Scorer(named)
+    valid_last = reason_model(tmp_path / "last.onnx", {}, classes=reasons.REASONS + ("valid",))
+    with pytest.raises(ModelError, match="'valid' first"):
+        Scorer(valid_last)
+    slot = ModelSlot(named)
+    slot.try_load()
+    assert not slot.describe()["Loaded"] and "p_class" in slot.describe()["Error"]
 
 
 def test_a_model_for_another_preprocessing_is_refused(tmp_path):
@@ -91,6 +187,7 @@ def test_ingest_scores_rendered_images_and_publishes_them(archive):
     for image in rendered:
         assert image["ModelVersion"] == "test-brightness" and image["ScoredAt"]
         assert image["Flagged"] == (image["AnomalyScore"] > 0.5)
+        assert image["AnomalyReason"] == ("anomaly" if image["Flagged"] else None)
     plan = next(i for i in images if i["Status"] == "no_pixel_data")
     assert plan["AnomalyScore"] is None and plan["Flagged"] is None
 
@@ -171,6 +268,7 @@ def test_scoring_routes(archive, tmp_path):
     status, summary = call(router, "GET", f"series/{image['SeriesInstanceUID']}/summary")
     assert status == 200 and summary["SeriesInstanceUID"] == image["SeriesInstanceUID"]
     assert call(router, "GET", "model")[1]["Version"] == "test-brightness"
+    assert call(router, "GET", "model")[1]["Reasons"] == ["anomaly"]
     assert call(router, "GET", "model/reload")[0] == 405
     assert call(router, "POST", "model/reload", b"{not json")[0] == 400
     assert call(router, "POST", "model/reload", b'{"Path": 3}')[0] == 400
@@ -183,6 +281,11 @@ def test_scoring_routes(archive, tmp_path):
     status, model = call(router, "POST", "model/reload", json.dumps({"Path": str(other)}).encode())
     assert status == 200 and model["Version"] == "v3"
     assert call(router, "POST", "model/reload")[1]["Version"] == "v3"  # reloads the same file
+    named = reason_model(tmp_path / "named.onnx", SLOPES, INTERCEPTS)
+    status, model = call(router, "POST", "model/reload", json.dumps({"Path": str(named)}).encode())
+    assert status == 200 and model["Reasons"] == list(reasons.REASONS)
+    assert call(router, "GET", "model")[1]["Reasons"] == list(reasons.REASONS)
+    call(router, "POST", "model/reload", json.dumps({"Path": str(other)}).encode())
     status, progress = call(router, "POST", "rescore")
     assert status == 200 and progress["State"] == "running"
     router.rescorer.wait(30)

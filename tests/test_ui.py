@@ -1,14 +1,25 @@
 """The flagged-images page, end to end in headless Chromium: the demo anomalies go in, the
 shipped model flags them, /minipacs/ui lists them, and its link opens the study in OHIF."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from browser import ARTIFACTS, chromium_page, wait_for_viewport_image
-from minipacs import demo, synth
+from minipacs import demo, reasons, synth
 from minipacs.config import DEFAULT_MODEL, DEFAULT_OHIF
 from orthanc_server import OrthancServer
+
+UI = Path(__file__).resolve().parent.parent / "plugin" / "minipacs" / "ui.html"
+
+
+def test_the_reason_filter_offers_exactly_the_reasons_the_route_takes():
+    options = re.findall(r'<option value="([^"]*)">', UI.read_text())
+    assert options[0] == "" and sorted(options[1:]) == sorted(reasons.FILTERS)
+    assert len(options) == len(set(options))
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +61,18 @@ def test_ui_lists_the_flagged_images_and_opens_them_in_ohif(demo_server):
         assert rows.count() == len(expected)
         shown = [float(s) for s in page.locator("tr.anomaly td.score").all_inner_texts()]
         assert shown == [round(i["AnomalyScore"], 3) for i in expected]
+        why = page.locator("tr.anomaly td.reason").all_inner_texts()
+        assert why == [i["AnomalyReason"] for i in expected] and all(why)
+        for reason in (expected[0]["AnomalyReason"], "broken_render", "overlay", ""):
+            wanted = demo_server.json(f"/minipacs/anomalies?limit=200&reason={reason}")["items"]
+            page.select_option("#reason", reason)
+            page.wait_for_selector(f'#anomalies[data-reason="{reason}"]', state="attached")
+            assert page.locator("tr.anomaly td.reason").all_inner_texts() == [
+                i["AnomalyReason"] for i in wanted], reason
+            assert page.locator("#none").is_visible() == (not wanted), reason
+            if reason == "broken_render":
+                page.screenshot(path=str(out / "ui-broken-render.png"), full_page=True)
+        assert rows.count() == len(expected)
         counts = page.locator("#counts").inner_text()
         assert f"{demo_server.json('/minipacs/counts')['images']} images" in counts
         first = expected[0]

@@ -243,6 +243,7 @@ def _item_triggers(db: sqlite3.Connection) -> None:
         db.execute(statement)
     if stale:
         db.execute(BACKFILL["images", "item"])
+        db.commit()  # the UPDATE opened a transaction; the counters start one of their own
 
 
 # Image statuses: what the worker concluded about an instance.

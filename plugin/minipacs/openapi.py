@@ -3,7 +3,7 @@
 Written by hand next to :mod:`minipacs.routes` (tests/test_openapi.py checks that both list the
 same routes, and runs schemathesis against the live server)."""
 
-from . import __version__
+from . import __version__, reasons
 
 _STRING = {"type": "string"}
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
@@ -17,7 +17,9 @@ def _object(required: list[str], **properties) -> dict:
 
 SCHEMAS = {
     # Errors are ours ({"error", "status"}) or, for paths Orthanc refuses itself (".."), Orthanc's.
-    "Error": {"type": "object", "properties": {"error": _STRING, "status": {"type": "integer"}}},
+    # An unknown ?reason= also lists the known ones (Reasons).
+    "Error": {"type": "object", "properties": {"error": _STRING, "status": {"type": "integer"},
+                                               "Reasons": {"type": "array", "items": _STRING}}},
     "Count": _object(["count"], count={"type": "integer", "minimum": 0}),
     "Counts": _object(["patients", "studies", "series", "images"],
                       **{k: {"type": "integer", "minimum": 0}
@@ -42,8 +44,8 @@ SCHEMAS = {
         NumberOfFrames=_INTEGER_OR_NULL, WindowCenter=_NUMBER_OR_NULL, WindowWidth=_NUMBER_OR_NULL,
         WindowSource=_STRING_OR_NULL, RescaleSlope=_NUMBER_OR_NULL, RescaleIntercept=_NUMBER_OR_NULL,
         AnomalyScore={"type": ["number", "null"], "minimum": 0, "maximum": 1},
-        Flagged={"type": ["boolean", "null"]}, ModelVersion=_STRING_OR_NULL,
-        Threshold=_NUMBER_OR_NULL),
+        Flagged={"type": ["boolean", "null"]}, AnomalyReason=_STRING_OR_NULL,
+        ModelVersion=_STRING_OR_NULL, Threshold=_NUMBER_OR_NULL),
     "ImageInfo": _object(["InstanceNumber", "PatientID", "RescaleIntercept", "RescaleSlope",
                           "SeriesDescription", "StudyDescription", "WindowCenter", "WindowWidth"],
                          InstanceNumber=_INTEGER_OR_NULL, PatientID=_STRING,
@@ -52,15 +54,16 @@ SCHEMAS = {
                          WindowCenter=_NUMBER_OR_NULL, WindowWidth=_NUMBER_OR_NULL),
     "Score": _object(["SOPInstanceUID", "AnomalyScore", "Flagged"], SOPInstanceUID=_STRING,
                      OrthancID=_STRING, AnomalyScore={"type": "number", "minimum": 0, "maximum": 1},
-                     Flagged={"type": "boolean"}, ModelVersion=_STRING, Threshold={"type": "number"},
-                     ScoredAt=_STRING_OR_NULL),
+                     Flagged={"type": "boolean"}, AnomalyReason=_STRING_OR_NULL,
+                     ModelVersion=_STRING, Threshold={"type": "number"}, ScoredAt=_STRING_OR_NULL),
     "Summary": _object(["OrthancID", "images", "rendered", "scored", "flagged", "max_score"],
                        OrthancID=_STRING, images={"type": "integer"}, rendered={"type": "integer"},
                        scored={"type": "integer"}, flagged={"type": "integer"},
                        max_score=_NUMBER_OR_NULL),
     "Model": _object(["Loaded"], Loaded={"type": "boolean"}, Error=_STRING_OR_NULL,
                      Version=_STRING, InputSize={"type": "integer"}, Threshold={"type": "number"},
-                     Preprocessing=_STRING, Sha256=_STRING, Path=_STRING, LoadedAt=_STRING),
+                     Preprocessing=_STRING, Sha256=_STRING, Path=_STRING, LoadedAt=_STRING,
+                     Reasons={"type": "array", "items": _STRING}),
     "Progress": _object(["State"], State={"enum": ["idle", "running", "done", "failed"]},
                         Total={"type": "integer"}, Done={"type": "integer"},
                         Flagged={"type": "integer"}, Failed={"type": "integer"}),
@@ -123,7 +126,10 @@ def document() -> dict:
             parameters=PAGING + [{"name": k, "in": "query", "schema": _STRING}
                                  for k in ("patient", "study", "series", "modality")]
             + [{"name": "min_score", "in": "query",
-                "schema": {"type": "number", "minimum": 0, "maximum": 1}}]),
+                "schema": {"type": "number", "minimum": 0, "maximum": 1}},
+               {"name": "reason", "in": "query", "schema": {"enum": list(reasons.FILTERS)},
+                "description": "A reason (minipacs.reasons) or its family: broken_render finds "
+                               "every broken_render:<kind>"}]),
         "/minipacs/model": _operation("The model in use", _ref("Model"), errors=()),
         "/minipacs/model/reload": _operation("Load the model file again, or another", _ref("Model"),
                                              method="post", body=True),

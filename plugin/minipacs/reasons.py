@@ -21,6 +21,9 @@ REASONS = (PICTURE, OVERLAY) + tuple(f"{BROKEN}:{kind}" for kind in BROKEN_KINDS
 CLASSES = ("valid",) + REASONS
 #: The reason of a model that says only valid / not valid.
 UNSPECIFIED = "anomaly"
+#: The values ``/minipacs/anomalies?reason=`` takes: a reason, the family of broken renders, or
+#: the reason of a binary model.
+FILTERS = REASONS + (BROKEN, UNSPECIFIED)
 #: Key of the ONNX metadata listing the model's classes, comma-separated, "valid" first.
 METADATA_CLASSES = "minipacs.classes"
 

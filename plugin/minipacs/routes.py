@@ -8,6 +8,7 @@ Identifiers in paths are the DICOM ones: PatientID, Study/Series/SOP Instance UI
 import json
 import logging
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -15,6 +16,7 @@ from typing import Any, Callable, Mapping
 from . import __version__
 from . import index as idx
 from . import openapi
+from . import reasons
 from .rescore import Busy, Rescorer
 from .scoring import ModelError, ModelSlot
 
@@ -208,9 +210,13 @@ class Router:
         """Flagged images, most anomalous first, filtered by patient/study/series/modality and
         minimum score."""
         clauses, args = ["i.flagged = 1"], []
+        if "%" in query.get("reason", ""):
+            # Orthanc hands the plugin "%3A" undecoded (other escapes decoded); a reason holds
+            # no "%", so decoding what is left can only restore its ":".
+            query = {**query, "reason": urllib.parse.unquote(query["reason"])}
         if query.get("reason") and not reasons.known(query["reason"]):
             raise HttpError(400, f"unknown reason {query['reason']!r}; reasons: "
-                            f"{', '.join(reasons.REASONS + (reasons.BROKEN, reasons.UNSPECIFIED))}")
+                            f"{', '.join(reasons.FILTERS)}", Reasons=list(reasons.FILTERS))
         for key, clause in idx.ANOMALY_FILTERS.items():
             if query.get(key):
                 clauses.append(clause)

@@ -15,6 +15,7 @@ from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from corpus import find
 from orthanc_server import OrthancServer
+from test_codestream import hostile
 
 
 def ct() -> Dataset:
@@ -86,6 +87,12 @@ def cases():
     ds.PatientName = "Müller^Jörg=山田^太郎"
     ds.PatientID = "ÄÖÜ-" + "x" * 60
     out["non_ascii_and_long_patient_id"] = (ds, "rendered", None)
+    # Decoder bombs: a few hundred bytes whose codestream header claims 65535² (60000² for
+    # JPEG 2000), refused before decoding (tests/test_codestream.py has the others).
+    bombs = hostile()
+    for name in ("jpeg_baseline_sof_65535", "jpeg_ls_sof55_65535", "j2k_siz_60000"):
+        ds, reason = bombs[name]
+        out[f"decoder_bomb_{name}"] = (ds, "render_failed", reason)
     return out
 
 
@@ -119,8 +126,9 @@ def test_each_malformed_instance_gets_a_status_and_a_reason(server, name):
 
 
 def test_memory_stays_bounded(server):
-    """A 60000² frame is refused before anything is allocated: Orthanc's resident memory, which
-    includes the plugin's, stays far below what such a frame would take (7 GB)."""
+    """A 60000² frame, and frames whose codestream claims 65535², are refused before anything
+    is allocated: Orthanc's resident memory, which includes the plugin's, stays far below what
+    such a frame would take (7 to 17 GB)."""
     rss_kb = int(open(f"/proc/{server.process.pid}/status").read().split("VmRSS:")[1].split()[0])
     assert rss_kb < 1_000_000, f"Orthanc uses {rss_kb} kB"
 

@@ -22,15 +22,19 @@ from typing import Callable
 import numpy as np
 from isal import isal_zlib
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import get_frame
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from . import codestream
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # X-Ray Angiographic / RF: pixel values are not rescaled for display (DCMTK ignores their LUT).
 XRAY_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.12.2",
                     "1.2.840.10008.5.1.4.1.1.12.3"}
 MAX_FRAME_SAMPLES = 1 << 27  # 134 M samples (a 11585² grey frame): memory stays bounded
+MAX_INSTANCE_SAMPLES = 1 << 34  # frames × rows × columns × samples a header may declare
 MAX_TABLE = 1 << 16  # integer images with a wider stored range are transformed per pixel
 
 
@@ -140,6 +144,36 @@ def decode(ds: Dataset, frame: int, fallback: Decoder | None = None) -> tuple[np
             return fallback(frame), "fallback", ""
         except Exception as second:
             raise RenderError(f"{error}; fallback decoder: {type(second).__name__}: {second}") from exc
+
+
+def check_codestream(ds: Dataset, frame: int, frames: int) -> None:
+    """Refuse a compressed frame whose own header (see :mod:`minipacs.codestream`) declares
+    another geometry than the data set, or more samples than minipacs decodes: decoders size
+    their output from that header, so a 600-byte frame could make them allocate gigabytes.
+    A header that cannot be found or read is left to the decoder, as before."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if str(syntax) not in codestream.SYNTAXES or "PixelData" not in ds:
+        return
+    try:
+        extended = None
+        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+            extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+        data = get_frame(ds.PixelData, frame, number_of_frames=frames, extended_offsets=extended)
+    except Exception:  # an encapsulation pydicom cannot split: its decoder says why below
+        return
+    found = codestream.geometry(syntax, data)
+    if found is None:
+        return
+    try:
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+    except (TypeError, ValueError):  # the decoder reports it
+        return
+    why = codestream.problem(found, int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0),
+                             int(ds.get("SamplesPerPixel", 1) or 1), bits, len(data),
+                             MAX_FRAME_SAMPLES)
+    if why:
+        raise RenderError(f"refused before decoding: {why}")
 
 
 # Orthanc's pixel formats (orthanc.PixelFormat names) as numpy types and samples per pixel.
@@ -469,6 +503,10 @@ def render(ds: Dataset, frame: int = 0, window_index: int = 0,
     if samples > MAX_FRAME_SAMPLES:
         raise RenderError(f"a frame of {samples} samples is more than minipacs renders "
                           f"({MAX_FRAME_SAMPLES})")
+    if frames * samples > MAX_INSTANCE_SAMPLES:
+        raise RenderError(f"{frames} frames of {samples} samples are more than minipacs renders "
+                          f"({MAX_INSTANCE_SAMPLES})")
+    check_codestream(ds, frame, frames)
     stored, decoder, notes = decode(ds, frame, fallback)
     if stored.ndim not in (2, 3) or 0 in stored.shape:
         raise RenderError(f"unexpected decoded shape {stored.shape}")

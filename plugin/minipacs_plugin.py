@@ -18,12 +18,13 @@ import orthanc
 
 from minipacs import __version__
 from minipacs.config import from_orthanc
-from minipacs.index import Index
-from minipacs.ingest import Settings, Worker, ingest_many, reconcile, remove
+from minipacs.index import WRITE_FAILED, Index
+from minipacs.ingest import Pipeline, Settings, Worker, reconcile, remove, sweep
 from minipacs.orthanc_ids import OrthancIds
 from minipacs.render import image_array
 from minipacs.rescore import Rescorer
 from minipacs.routes import Response, Router, json_response
+from minipacs.sandbox import Sandbox
 from minipacs.scoring import ModelSlot, Score
 from minipacs.static import OhifSite
 
@@ -149,44 +150,75 @@ class MiniPacs:
         self.models.try_load()
         if self.models.error:
             log.warning("scoring is off: %s", self.models.error)
+        self.sandbox = Sandbox(self.settings, self.model_for_sandbox, config.renderer_memory_mb,
+                               config.renderer_seconds) if config.sandbox else None
         self.worker = Worker(self.process, config.queue_size, config.workers,
                              defer=config.defer_while_storing)
+        self.pipeline = Pipeline(self.index, self.settings, self.lookup, self.models,
+                                 orthanc.GetDicomForInstance, self.worker.submit,
+                                 self.sandbox.render if self.sandbox else None)
         self.stopping = threading.Event()
         rescorer = Rescorer(self.index, config.png_directory, self.models, self.lookup.publish)
-        self.router = Router(self.index, config.png_directory, self.worker.stats, self.models,
+        self.router = Router(self.index, config.png_directory, self.ingest_stats, self.models,
                              rescorer, lambda: {"version": orthanc_version()[0],
                                                 "labels": orthanc_version()[1], "metadata": metadata})
         self.ohif = OhifSite(config.ohif_directory,
                              configuration.get("DicomWeb", {}).get("Root", "/dicom-web/"))
 
+    def model_for_sandbox(self) -> dict | None:
+        """The model in use, as the sandboxed renderers load it."""
+        scorer = self.models.scorer
+        if scorer is None:
+            return None
+        info = scorer.info
+        return {"path": info.path, "sha256": info.sha256, "threshold": info.threshold}
+
+    def ingest_stats(self) -> dict:
+        return {**self.worker.stats(), "retrying": self.pipeline.retries.pending(),
+                "renderers_replaced": self.sandbox.deaths if self.sandbox else 0}
+
     def process(self, instance_ids: list[str]) -> None:
         # Called in a worker thread, never in Orthanc's store thread.
-        ingest_many(self.index, self.settings,
-                    [(i, orthanc.GetDicomForInstance(i)) for i in instance_ids], self.lookup, self.models)
+        self.pipeline(instance_ids)
+
+    def reconcile(self) -> None:
+        reconcile(self.index, self.config.png_directory, set(rest_get("/instances")),
+                  self.worker.submit, self.lookup, self.config.attempts)
 
     def keep_reconciled(self) -> None:
-        """At start, then whenever the worker is idle and the counts differ: the index follows
-        Orthanc even after a crash, a full queue, or changes made while minipacs was off."""
+        """At start, then whenever the worker is idle and the counts differ, and every tenth
+        time in any case (one stale row beside one missing leaves the counts equal): the index
+        follows Orthanc even after a crash, a full queue, or changes made while minipacs was off.
+        At start, PNGs that failed to be written are retried and files without a row removed."""
         config = self.config
         if config.reconcile_on_start:
-            reconcile(self.index, config.png_directory, set(rest_get("/instances")), self.worker.submit)
+            self.reconcile()
+            for instance_id in sorted(self.index.orthanc_instance_ids(WRITE_FAILED)):
+                self.worker.submit(instance_id)
+            sweep(self.index, config.png_directory)
+        rounds = 0
         while config.reconcile_interval and not self.stopping.wait(config.reconcile_interval):
+            rounds += 1
+            if not self.worker.stats()["idle"]:
+                continue
             stored = rest_get("/statistics")["CountInstances"]
-            if self.worker.stats()["idle"] and stored != self.index.counts()["images"]:
-                reconcile(self.index, config.png_directory, set(rest_get("/instances")),
-                          self.worker.submit)
+            if rounds % 10 == 0 or stored != self.index.counts()["images"]:
+                self.reconcile()
 
     def on_change(self, change_type, level, resource_id) -> None:
         # Orthanc signals changes from a thread of its own, after the store: never in its way.
         if change_type == orthanc.ChangeType.NEW_INSTANCE:
             self.worker.stored(resource_id)
         elif change_type == orthanc.ChangeType.DELETED and level in LEVELS:
-            remove(self.index, self.config.png_directory, LEVELS[level], resource_id)
+            remove(self.index, self.config.png_directory, LEVELS[level], resource_id,
+                   self.pipeline.deletions)
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             threading.Thread(target=self.keep_reconciled, name="minipacs-reconcile", daemon=True).start()
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.stopping.set()
             self.worker.stop()
+            if self.sandbox:
+                self.sandbox.close()
 
     def on_rest(self, output, uri, **request) -> None:
         groups = request.get("groups") or ("",)

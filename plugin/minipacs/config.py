@@ -29,6 +29,10 @@ class Config:
     model_path: Path | None
     anomaly_threshold: float | None
     ohif_directory: Path
+    sandbox: bool
+    renderer_memory_mb: int
+    renderer_seconds: int
+    attempts: int
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -45,6 +49,10 @@ _DEFAULTS: dict[str, Any] = {
     "ModelPath": None,  # the shipped model; "" turns scoring off
     "AnomalyThreshold": None,  # the model's own
     "OhifDirectory": None,  # <repository>/.ohif/dist
+    "Sandbox": True,  # render and score in child processes with the limits below
+    "RendererMemoryLimit": 2048,  # MB of address space a renderer may add to what it maps at start
+    "RendererTimeLimit": 60,  # seconds (wall and CPU) a renderer may spend on one instance
+    "MaxAttempts": 3,  # renderings that never finished before an instance is given up
 }
 
 
@@ -99,6 +107,15 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
     defer = _typed(options, "DeferWhileStoring", int)
     if not 0 <= defer <= 3600:
         raise ConfigError(f"{SECTION}.DeferWhileStoring must be within 0..3600 seconds, not {defer}")
+    memory = _typed(options, "RendererMemoryLimit", int)
+    if not 64 <= memory <= 1 << 20:
+        raise ConfigError(f"{SECTION}.RendererMemoryLimit must be within 64..1048576 MB, not {memory}")
+    seconds = _typed(options, "RendererTimeLimit", int)
+    if not 1 <= seconds <= 3600:
+        raise ConfigError(f"{SECTION}.RendererTimeLimit must be within 1..3600 seconds, not {seconds}")
+    attempts = _typed(options, "MaxAttempts", int)
+    if not 1 <= attempts <= 100:
+        raise ConfigError(f"{SECTION}.MaxAttempts must be within 1..100, not {attempts}")
     queue_size = _typed(options, "QueueSize", int)
     if queue_size < 1:
         raise ConfigError(f"{SECTION}.QueueSize must be at least 1, not {queue_size}")
@@ -116,4 +133,8 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
         model_path=DEFAULT_MODEL if model is None else (base / model if model else None),
         anomaly_threshold=None if threshold is None else float(threshold),
         ohif_directory=path("OhifDirectory", DEFAULT_OHIF),
+        sandbox=_typed(options, "Sandbox", bool),
+        renderer_memory_mb=memory,
+        renderer_seconds=seconds,
+        attempts=attempts,
     )

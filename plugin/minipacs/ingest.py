@@ -8,15 +8,17 @@ as a status: the worker never raises into Orthanc.
 
 import collections
 import contextlib
+import heapq
 import io
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import pydicom
@@ -26,7 +28,7 @@ from pydicom.errors import InvalidDicomError
 from . import index as idx
 from .orthanc_ids import OrthancIds, orthanc_ids
 from .render import Decoder, NoPixelData, RenderError, encode_png, render
-from .scoring import ModelSlot, Score, score_columns
+from .scoring import ModelSlot, Score, Scorer, score_columns
 
 log = logging.getLogger("minipacs")
 WORKER_NICENESS = 10
@@ -74,19 +76,14 @@ def _int(source: Dataset | Tags, keyword: str) -> int | None:
         return None
 
 
-def describe(source: Dataset | Tags, instance_id: str, lookup: OrthancLookup) -> idx.InstanceRecord:
-    """The hierarchy rows of an instance, from a pydicom dataset or Orthanc's simplified tags.
-
-    The Orthanc IDs are computed from the identifiers; where Orthanc read them differently
-    (odd padding in a malformed file, say) Orthanc is asked, so the rows match its resources.
-    """
+def hierarchy(source: Dataset | Tags, instance_id: str) -> idx.InstanceRecord:
+    """The hierarchy rows of an instance, from a pydicom dataset or Orthanc's simplified tags,
+    with the parents' Orthanc IDs computed from the identifiers (see :func:`place`)."""
     patient_id = _text(source, "PatientID") or ""
     study_uid = _text(source, "StudyInstanceUID") or ""
     series_uid = _text(source, "SeriesInstanceUID") or ""
     sop_uid = _text(source, "SOPInstanceUID") or ""
     ids = orthanc_ids(patient_id, study_uid, series_uid, sop_uid)
-    if ids.instance != instance_id:
-        ids = lookup.ids(instance_id)
     return idx.InstanceRecord(
         patient={"orthanc_id": ids.patient, "patient_id": patient_id,
                  "patient_name": _text(source, "PatientName"),
@@ -103,43 +100,68 @@ def describe(source: Dataset | Tags, instance_id: str, lookup: OrthancLookup) ->
                "sop_class_uid": _text(source, "SOPClassUID"),
                "instance_number": _int(source, "InstanceNumber"),
                "rows": _int(source, "Rows"), "columns": _int(source, "Columns")},
+        computed_id=ids.instance,
     )
+
+
+def place(record: idx.InstanceRecord, lookup: OrthancLookup) -> idx.InstanceRecord:
+    """The record with Orthanc's own parent IDs: computed from the identifiers, unless Orthanc
+    read them differently (odd padding in a malformed file, say); then Orthanc is asked."""
+    instance_id = record.image["orthanc_id"]
+    if record.computed_id == instance_id:
+        return record
+    ids = lookup.ids(instance_id)
+    return idx.InstanceRecord({**record.patient, "orthanc_id": ids.patient},
+                              {**record.study, "orthanc_id": ids.study},
+                              {**record.series, "orthanc_id": ids.series}, record.image, instance_id)
+
+
+def describe(source: Dataset | Tags, instance_id: str, lookup: OrthancLookup) -> idx.InstanceRecord:
+    """The hierarchy rows of an instance, placed under Orthanc's own resources."""
+    return place(hierarchy(source, instance_id), lookup)
 
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def score_images(models: ModelSlot | None, images: list[np.ndarray]) -> list[tuple[Score | None, dict]]:
-    """Score rendered pixels with the model in use, if any, as one batch (about half the cost
-    per image of one call each); each image's score and its index columns.
+def score_images(scorer: Scorer | None, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    """Score rendered pixels with a model, if any, as one batch (about half the cost per image
+    of one call each); each image's index columns.
 
     A failing model costs the scores, never the images: the failure is logged and noted."""
-    scorer = models.scorer if models else None
     if scorer is None or not images:
-        return [(None, score_columns(None)) for _ in images]
+        return [score_columns(None) for _ in images]
     try:
         scores = scorer.scores(images)
     except Exception as exc:
         log.exception("scoring %d image(s) failed", len(images))
-        return [(None, {**score_columns(None), "status_detail": f"scoring failed: {exc}"}) for _ in images]
+        return [{**score_columns(None), "status_detail": f"scoring failed: {exc}"} for _ in images]
     scored_at = now()
-    return [(score, {**score_columns(score), "scored_at": scored_at}) for score in scores]
+    return [{**score_columns(score), "scored_at": scored_at} for score in scores]
 
 
 def write_png(path: Path, data: bytes) -> None:
-    """Write a PNG so that no reader sees half of it. A new file is written in place: readers
-    find PNGs through the index, whose row comes after; one that exists (a re-sent instance)
-    is replaced through a temporary file, the rename costing a third more on this disk."""
+    """Write a PNG so that no reader sees half of it, and leave nothing behind when the disk
+    refuses it. A new file is written in place: readers find PNGs through the index, whose row
+    comes after; one that exists (a re-sent instance) is replaced through a temporary file, the
+    rename costing a third more on this disk."""
+    target = path
     try:
         with open(path, "xb") as new:
             new.write(data)
         return
     except FileExistsError:
-        pass
-    partial = path.with_suffix(".png.part")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+        target = path.with_suffix(".png.part")
+    except OSError:
+        path.unlink(missing_ok=True)  # created, then the disk was full: no empty PNG
+        raise
+    try:
+        target.write_bytes(data)
+        os.replace(target, path)
+    except OSError:
+        target.unlink(missing_ok=True)
+        raise
 
 
 def _render_columns(ds: Dataset, png_path: Path, settings: Settings,
@@ -155,14 +177,24 @@ def _render_columns(ds: Dataset, png_path: Path, settings: Settings,
     except Exception as exc:  # a decoder bug must cost one image, not the worker
         log.exception("rendering %s failed unexpectedly", png_path.stem)
         return {"status": idx.RENDER_FAILED, "status_detail": f"{type(exc).__name__}: {exc}"}, None
-    write_png(png_path, encode_png(shown.pixels, settings.png_compress_level))
-    return {"status": idx.RENDERED, "status_detail": shown.notes or None,
-            "png": png_path.name, "frames": shown.frames,
-            "rendered_frame": shown.frame, "photometric": shown.photometric,
-            "rescale_slope": shown.rescale_slope, "rescale_intercept": shown.rescale_intercept,
-            "window_center": shown.window_center, "window_width": shown.window_width,
-            "window_source": shown.window_source, "voi_function": shown.voi_function,
-            "inverted": shown.inverted, "decoder": shown.decoder}, shown.pixels
+    columns = {"status": idx.RENDERED, "status_detail": shown.notes or None,
+               "png": png_path.name, "frames": shown.frames,
+               "rendered_frame": shown.frame, "photometric": shown.photometric,
+               "rescale_slope": shown.rescale_slope, "rescale_intercept": shown.rescale_intercept,
+               "window_center": shown.window_center, "window_width": shown.window_width,
+               "window_source": shown.window_source, "voi_function": shown.voi_function,
+               "inverted": shown.inverted, "decoder": shown.decoder}
+    try:
+        write_png(png_path, encode_png(shown.pixels, settings.png_compress_level))
+    except OSError as exc:  # a full or read-only disk: the row says so, the PNG is retried
+        columns.update(status=idx.WRITE_FAILED, png=None,
+                       status_detail=f"cannot write the PNG: {os_error(exc)}")
+    return columns, shown.pixels
+
+
+def os_error(exc: OSError) -> str:
+    """An OS error without its file name: the same cause reads the same for every instance."""
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
 
 
 _EMPTY_RENDER = dict.fromkeys(("status_detail", "png", "frames", "rendered_frame", "photometric",
@@ -180,58 +212,188 @@ def read_dataset(data: bytes) -> Dataset:
     return ds
 
 
-def _render_instance(settings: Settings, instance_id: str, data: bytes,
-                     lookup: OrthancLookup) -> tuple[idx.InstanceRecord, np.ndarray | None]:
-    """The index rows of one instance, its PNG written, and the pixels to score.
+class _OrthancDecoder:
+    """Orthanc's decoder as :func:`render`'s fallback. Only Orthanc's process has it: where it
+    is not at hand (a sandbox), asking for it is noted, and the instance goes back to Orthanc's
+    process for that frame (``decoded``)."""
 
-    Orthanc's tags are asked for only when pydicom cannot read the file, so that even an
-    unreadable instance that Orthanc accepted gets its place in the hierarchy and a status;
-    Orthanc's decoder only when pydicom's decoders fail.
-    """
+    def __init__(self, decoded: np.ndarray | None):
+        self.decoded, self.asked = decoded, False
+
+    def __call__(self, frame: int) -> np.ndarray:
+        if self.decoded is None:
+            self.asked = True
+            raise RenderError("Orthanc's decoder is needed")
+        return self.decoded
+
+
+@dataclass
+class Outcome:
+    """What rendering one instance gave. ``record`` is None when pydicom could not read the
+    file (its place in the hierarchy comes from Orthanc's tags); ``needs_decoder`` when only
+    Orthanc's decoder can decode it; ``pixels`` are what was shown, for scoring."""
+
+    instance_id: str
+    image: dict[str, Any]
+    record: idx.InstanceRecord | None
+    needs_decoder: bool = False
+    pixels: np.ndarray | None = None
+
+
+def render_instance(settings: Settings, instance_id: str, data: bytes,
+                    decoded: np.ndarray | None = None) -> Outcome:
+    """Render one stored file: its PNG written, its image columns and hierarchy. Asks nothing
+    of Orthanc, so that it can run where a decoder bomb cannot hurt Orthanc (minipacs.sandbox).
+    ``decoded``: the first frame as Orthanc's decoder gave it, when pydicom's could not."""
     png_path = settings.png_directory / f"{instance_id}.png"
-    pixels = None
     try:
         ds = read_dataset(data)
     except Exception as exc:  # pydicom could not parse what DCMTK accepted
-        record = describe(lookup.tags(instance_id), instance_id, lookup)
-        columns = {**_EMPTY_RENDER, "status": idx.UNREADABLE,
-                   "status_detail": f"pydicom cannot read the file: {type(exc).__name__}: {exc}"}
-    else:
-        record = describe(ds, instance_id, lookup)
-        rendered, pixels = _render_columns(ds, png_path, settings, lambda f: lookup.decode(data, f))
-        columns = {**_EMPTY_RENDER, "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),
-                   "frames": _int(ds, "NumberOfFrames"), **rendered}
-    if pixels is None:
         png_path.unlink(missing_ok=True)  # a re-sent instance that no longer renders
-    image = {**record.image, **columns}
-    return idx.InstanceRecord(record.patient, record.study, record.series, image), pixels
+        return Outcome(instance_id, {**_EMPTY_RENDER, "status": idx.UNREADABLE,
+                                     "status_detail": f"pydicom cannot read the file: "
+                                                      f"{type(exc).__name__}: {exc}"}, None)
+    record = hierarchy(ds, instance_id)
+    fallback = _OrthancDecoder(decoded)
+    rendered, pixels = _render_columns(ds, png_path, settings, fallback)
+    if pixels is None or rendered["status"] != idx.RENDERED:
+        png_path.unlink(missing_ok=True)
+    image = {**record.image, **_EMPTY_RENDER, "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),
+             "frames": _int(ds, "NumberOfFrames"), **rendered}
+    return Outcome(instance_id, image, record, fallback.asked and pixels is None, pixels)
+
+
+def render_and_score(settings: Settings, items: Sequence[tuple[str, bytes, np.ndarray | None]],
+                     scorer: Scorer | None) -> list[Outcome]:
+    """Render instances given as (Orthanc ID, file, Orthanc's decoding or None) and score the
+    rendered ones together, in one run of the model; their score columns join their image's."""
+    outcomes = [render_instance(settings, *item) for item in items]
+    shown = [o for o in outcomes if o.pixels is not None]
+    add_scores(shown, score_images(scorer, [o.pixels for o in shown]))
+    return outcomes
+
+
+def add_scores(outcomes: Sequence[Outcome], scores: Sequence[dict[str, Any]]) -> None:
+    """Join each score's columns to its image's; a scoring failure joins the status detail."""
+    for outcome, columns in zip(outcomes, scores):
+        columns = dict(columns)
+        detail = columns.pop("status_detail", None)
+        outcome.image.update(columns)
+        if detail:
+            outcome.image["status_detail"] = "; ".join(filter(None, (outcome.image["status_detail"], detail)))
+
+
+#: Renders and scores a batch of (Orthanc ID, file, Orthanc's decoding or None): in this
+#: process (:func:`render_and_score`), or in a sandbox (:class:`minipacs.sandbox.Sandbox`).
+Renderer = Callable[[Sequence[tuple[str, bytes, np.ndarray | None]]], list[Outcome]]
+
+
+class Deletions:
+    """What Orthanc deleted while instances were being rendered, so that a late write never
+    brings a deleted resource back into the index.
+
+    Each fetch of a file and each deletion takes a number from one counter; a record is
+    written only when no deletion of it or of one of its parents came after its file was
+    fetched (its number). Deletions are forgotten once no fetch before them is in hand."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counter = 0
+        self._deleted: dict[str, int] = {}
+        self._in_hand: collections.Counter[int] = collections.Counter()
+
+    def fetching(self) -> int:
+        with self._lock:
+            self._counter += 1
+            self._in_hand[self._counter] += 1
+            return self._counter
+
+    def done(self, number: int) -> None:
+        with self._lock:
+            self._in_hand[number] -= 1
+            if not self._in_hand[number]:
+                del self._in_hand[number]
+            oldest = min(self._in_hand, default=self._counter + 1)
+            self._deleted = {k: v for k, v in self._deleted.items() if v > oldest}
+
+    def deleted(self, orthanc_id: str) -> None:
+        with self._lock:
+            self._counter += 1
+            if self._in_hand:
+                self._deleted[orthanc_id] = self._counter
+
+    def live(self, record: idx.InstanceRecord, fetched: int) -> bool:
+        """No deletion of the record's resources since its file was fetched."""
+        with self._lock:
+            return all(self._deleted.get(part["orthanc_id"], 0) < fetched
+                       for part in (record.patient, record.study, record.series, record.image))
 
 
 def ingest_many(index: idx.Index, settings: Settings, items: list[tuple[str, bytes]],
-                lookup: OrthancLookup, models: ModelSlot | None = None) -> list[dict[str, Any]]:
+                lookup: OrthancLookup, models: ModelSlot | None = None,
+                renderer: Renderer | None = None, deletions: Deletions | None = None,
+                fetched: int = 0) -> list[dict[str, Any]]:
     """Render, score and index instances given as (Orthanc ID, file); their image columns.
 
-    The rendered images are scored together, in one run of the model."""
-    records, pixels = zip(*(_render_instance(settings, instance_id, data, lookup)
-                            for instance_id, data in items)) if items else ((), ())
-    shown = [i for i, p in enumerate(pixels) if p is not None]
-    scores = dict(zip(shown, score_images(models, [pixels[i] for i in shown])))
-    for i, record in enumerate(records):
-        columns = scores.get(i, (None, {}))[1]
-        image = record.image
-        detail = columns.pop("status_detail", None)
-        image.update(columns)
-        if detail:
-            image["status_detail"] = "; ".join(filter(None, (image["status_detail"], detail)))
-    index.put_many(records)
-    for i, (score, _) in scores.items():
-        if score is not None:
-            image_id, study_id = records[i].image["orthanc_id"], records[i].study["orthanc_id"]
-            try:
-                lookup.publish(image_id, study_id, score)
-            except Exception:  # Orthanc's copy of the flag is a convenience; the index has it
-                log.exception("publishing the score of %s to Orthanc failed", image_id)
+    Runs ``renderer`` (default: in this process), then does here what needs Orthanc: its
+    decoder for files pydicom cannot decode, its tags for files pydicom cannot read, its IDs
+    where they differ from the computed ones, and the score metadata. Rows of resources
+    deleted since ``fetched`` (a :class:`Deletions` number) are not written; nor their PNGs."""
+    if renderer is None:
+        scorer = models.scorer if models else None
+        renderer = lambda batch: render_and_score(settings, batch, scorer)  # noqa: E731
+    files = dict(items)
+    outcomes = renderer([(instance_id, data, None) for instance_id, data in items])
+    for n, outcome in enumerate(outcomes):
+        if outcome.needs_decoder:
+            outcomes[n] = _with_orthanc_decoder(renderer, outcome, files[outcome.instance_id], lookup)
+    records = []
+    for outcome in outcomes:
+        if outcome.record is None:  # unreadable, or its renderer died: Orthanc's tags place it
+            record = describe(lookup.tags(outcome.instance_id), outcome.instance_id, lookup)
+        else:
+            record = place(outcome.record, lookup)
+        records.append(idx.InstanceRecord(record.patient, record.study, record.series,
+                                          {**record.image, **outcome.image}, record.computed_id))
+    keep = None if deletions is None else (lambda record: deletions.live(record, fetched))
+    written: list[idx.InstanceRecord] = []
+    try:
+        written = index.put_many(records, keep, done=list(files))
+    finally:  # no row, no PNG: nothing is left that no row refers to
+        kept = {id(record) for record in written}
+        for record in records:
+            if id(record) not in kept and record.image.get("png"):
+                (settings.png_directory / record.image["png"]).unlink(missing_ok=True)
+    for record in written:
+        _publish(lookup, record)
     return [record.image for record in records]
+
+
+def _with_orthanc_decoder(renderer: Renderer, outcome: Outcome, data: bytes,
+                          lookup: OrthancLookup) -> Outcome:
+    """Render again with the first frame decoded by Orthanc (DCMTK), which pydicom could not
+    decode; the frame's size was checked against its header by then (render.check_codestream)."""
+    try:
+        decoded = lookup.decode(data, 0)
+    except Exception as exc:
+        outcome.image["status_detail"] = f"{outcome.image['status_detail']}; fallback decoder: " \
+                                         f"{type(exc).__name__}: {exc}"
+        outcome.needs_decoder = False
+        return outcome
+    return renderer([(outcome.instance_id, data, decoded)])[0]
+
+
+def _publish(lookup: OrthancLookup, record: idx.InstanceRecord) -> None:
+    image = record.image
+    if image.get("anomaly_score") is None:
+        return
+    score = Score(anomaly_score=image["anomaly_score"], flagged=bool(image["flagged"]),
+                  model_version=image["model_version"], threshold=image["threshold"],
+                  reason=image.get("anomaly_reason"))
+    try:
+        lookup.publish(image["orthanc_id"], record.study["orthanc_id"], score)
+    except Exception:  # Orthanc's copy of the flag is a convenience; the index has it
+        log.exception("publishing the score of %s to Orthanc failed", image["orthanc_id"])
 
 
 def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
@@ -240,29 +402,183 @@ def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
     return ingest_many(index, settings, [(instance_id, data)], lookup, models)[0]
 
 
-def remove(index: idx.Index, png_directory: Path, table: str, orthanc_id: str) -> int:
-    """Forget a resource Orthanc deleted: its rows, those under it, and their PNGs."""
+def remove(index: idx.Index, png_directory: Path, table: str, orthanc_id: str,
+           deletions: Deletions | None = None) -> int:
+    """Forget a resource Orthanc deleted: its rows, those under it, and their PNGs; and, in
+    ``deletions``, that it was deleted, for the instances being rendered meanwhile."""
+    if deletions is not None:
+        deletions.deleted(orthanc_id)
     pngs = index.delete(table, orthanc_id)
     for name in pngs:
         (png_directory / name).unlink(missing_ok=True)
     return len(pngs)
 
 
+def give_up(index: idx.Index, instance_id: str, attempts: int, lookup: OrthancLookup) -> None:
+    """Record an instance whose rendering never finished ``attempts`` times (Orthanc stopped or
+    was killed meanwhile): a poison instance must not be queued at every start."""
+    record = describe(lookup.tags(instance_id), instance_id, lookup)
+    image = {**record.image, **_EMPTY_RENDER, "status": idx.RENDER_FAILED,
+             "status_detail": f"given up after {attempts} attempts: its rendering never "
+                              "finished (Orthanc stopped while rendering it)"}
+    index.put_many([idx.InstanceRecord(record.patient, record.study, record.series, image)],
+                   done=[instance_id])
+    log.error("instance %s given up after %d attempts", instance_id, attempts)
+
+
 def reconcile(index: idx.Index, png_directory: Path, in_orthanc: set[str],
-              submit: Callable[[str], Any]) -> tuple[int, int]:
+              submit: Callable[[str], Any], lookup: OrthancLookup | None = None,
+              attempts: int = 3) -> tuple[int, int]:
     """Make the index hold exactly Orthanc's instances: queue the missing ones, forget the
     deleted ones (stored or deleted while minipacs was not running, or dropped by a full
-    queue). Returns (queued, removed)."""
+    queue). A missing instance claimed ``attempts`` times already is given up (with
+    ``lookup``). Returns (queued, removed)."""
     indexed = index.orthanc_instance_ids()
     missing, deleted = sorted(in_orthanc - indexed), sorted(indexed - in_orthanc)
+    claims = index.claims() if lookup is not None else {}
+    queued = 0
     for instance_id in missing:
-        submit(instance_id)
+        if claims.get(instance_id, 0) >= attempts:
+            give_up(index, instance_id, claims[instance_id], lookup)
+        else:
+            submit(instance_id)
+            queued += 1
     for instance_id in deleted:
         remove(index, png_directory, "images", instance_id)
     if missing or deleted:
         log.warning("reconciled with Orthanc: %d instance(s) queued, %d forgotten",
-                    len(missing), len(deleted))
-    return len(missing), len(deleted)
+                    queued, len(deleted))
+    return queued, len(deleted)
+
+
+def sweep(index: idx.Index, png_directory: Path) -> int:
+    """Remove the files no row refers to: PNGs of rows never written or deleted while
+    minipacs was not running, and temporary files a crash left. Returns how many."""
+    known = index.png_names()
+    removed = 0
+    with os.scandir(png_directory) as entries:
+        for entry in entries:
+            if entry.name.endswith(".png.part") or (entry.name.endswith(".png") and entry.name not in known):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.warning("removed %d file(s) without an index row from %s", removed, png_directory)
+    return removed
+
+
+class Trouble:
+    """One log line per cause of failure, not one per instance: a full disk fails every
+    instance the same way for as long as it lasts; the line after it says it works again."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._causes: dict[str, str] = {}
+
+    def failed(self, where: str, cause: str) -> None:
+        with self._lock:
+            if self._causes.get(where) == cause:
+                return
+            self._causes[where] = cause
+        log.error("%s: %s (instances are retried; said once per cause)", where, cause)
+
+    def recovered(self, where: str) -> None:
+        with self._lock:
+            if self._causes.pop(where, None) is None:
+                return
+        log.warning("%s works again", where)
+
+
+class Retries:
+    """Instances to submit again later, each after a delay that doubles at each failure
+    (``first`` up to ``longest`` seconds): a full disk is not hammered, and the index catches up
+    once space returns."""
+
+    def __init__(self, submit: Callable[[str], Any], first: float = 2.0, longest: float = 300.0):
+        self._submit, self._first, self._longest = submit, first, longest
+        self._due: list[tuple[float, str]] = []
+        self._failures: dict[str, int] = {}
+        self._wake = threading.Condition()
+        threading.Thread(target=self._run, name="minipacs-retries", daemon=True).start()
+
+    def later(self, instance_ids: Sequence[str]) -> None:
+        with self._wake:
+            for instance_id in instance_ids:
+                n = self._failures.get(instance_id, 0)
+                self._failures[instance_id] = n + 1
+                delay = min(self._first * 2 ** n, self._longest)
+                heapq.heappush(self._due, (time.monotonic() + delay, instance_id))
+            self._wake.notify()
+
+    def succeeded(self, instance_ids: Sequence[str]) -> None:
+        with self._wake:
+            for instance_id in instance_ids:
+                self._failures.pop(instance_id, None)
+
+    def pending(self) -> int:
+        with self._wake:
+            return len(self._due)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._wake.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                _, instance_id = heapq.heappop(self._due)
+            self._submit(instance_id)
+
+
+class Pipeline:
+    """What an ingest worker does with a batch of instance IDs, in Orthanc's process: claim
+    them, fetch their files, have them rendered (in a sandbox), write the rows, and retry what
+    a full disk refused. Nothing Orthanc stored is lost: an instance whose row or PNG could not
+    be written is retried until it is."""
+
+    def __init__(self, index: idx.Index, settings: Settings, lookup: OrthancLookup,
+                 models: ModelSlot | None, fetch: Callable[[str], bytes],
+                 submit: Callable[[str], Any], renderer: Renderer | None = None):
+        self.index, self.settings, self.lookup, self.models = index, settings, lookup, models
+        self.fetch, self.renderer = fetch, renderer
+        self.deletions = Deletions()
+        self.trouble = Trouble()
+        self.retries = Retries(submit)
+
+    def __call__(self, instance_ids: list[str]) -> None:
+        try:
+            self.index.claim(instance_ids)
+        except sqlite3.Error as exc:
+            self._failed("writing the index", str(exc), instance_ids)
+            return
+        number = self.deletions.fetching()
+        try:
+            items, gone = [], []
+            for instance_id in instance_ids:
+                try:
+                    items.append((instance_id, self.fetch(instance_id)))
+                except Exception:  # deleted from Orthanc since it was queued
+                    gone.append(instance_id)
+            if gone:
+                self.index.release(gone)
+            try:
+                images = ingest_many(self.index, self.settings, items, self.lookup, self.models,
+                                     self.renderer, self.deletions, number)
+            except sqlite3.Error as exc:
+                self._failed("writing the index", str(exc), [i for i, _ in items])
+                return
+        finally:
+            self.deletions.done(number)
+        self.trouble.recovered("writing the index")
+        unwritten = [image for image in images if image["status"] == idx.WRITE_FAILED]
+        if unwritten:
+            self._failed(f"writing PNGs in {self.settings.png_directory}",
+                         unwritten[0]["status_detail"], [image["orthanc_id"] for image in unwritten])
+        else:
+            self.trouble.recovered(f"writing PNGs in {self.settings.png_directory}")
+        self.retries.succeeded([image["orthanc_id"] for image in images
+                                if image["status"] != idx.WRITE_FAILED])
+
+    def _failed(self, where: str, cause: str, instance_ids: list[str]) -> None:
+        self.trouble.failed(where, cause)
+        self.retries.later(instance_ids)
 
 
 class Worker:

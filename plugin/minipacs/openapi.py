@@ -39,7 +39,7 @@ SCHEMAS = {
     "Image": _object(
         ["OrthancID", "SOPInstanceUID", "Status"], OrthancID=_STRING, SOPInstanceUID=_STRING,
         SeriesInstanceUID=_STRING, StudyInstanceUID=_STRING, PatientID=_STRING,
-        Status={"enum": ["rendered", "no_pixel_data", "render_failed", "unreadable"]},
+        Status={"enum": ["rendered", "no_pixel_data", "render_failed", "unreadable", "write_failed"]},
         StatusDetail=_STRING_OR_NULL, Png=_STRING_OR_NULL, InstanceNumber=_INTEGER_OR_NULL,
         NumberOfFrames=_INTEGER_OR_NULL, WindowCenter=_NUMBER_OR_NULL, WindowWidth=_NUMBER_OR_NULL,
         WindowSource=_STRING_OR_NULL, RescaleSlope=_NUMBER_OR_NULL, RescaleIntercept=_NUMBER_OR_NULL,
@@ -71,7 +71,8 @@ SCHEMAS = {
         ["queued", "processed", "failed", "dropped", "idle", "deferring", "deferred_s"],
         queued={"type": "integer"}, processed={"type": "integer"}, failed={"type": "integer"},
         dropped={"type": "integer"}, idle={"type": "boolean"}, deferring={"type": "boolean"},
-        deferred_s={"type": "number"}), statuses={"type": "object"}),
+        deferred_s={"type": "number"}, retrying={"type": "integer"},
+        renderers_replaced={"type": "integer"}), statuses={"type": "object"}),
     "Welcome": _object(["name", "version", "counts"], name=_STRING, version=_STRING,
                        message=_STRING, counts={"$ref": "#/components/schemas/Counts"},
                        model={"$ref": "#/components/schemas/Model"}, orthanc={"type": "object"}),
@@ -153,7 +154,7 @@ def document() -> dict:
               ("series", "Series", "images", "Image"), ("images", "Image", None, None))
     for name, item, child, child_item in levels:
         extra = [{"name": "status", "in": "query", "schema": {
-            "enum": ["rendered", "no_pixel_data", "render_failed", "unreadable"]}}] if name == "images" else []
+            "enum": ["rendered", "no_pixel_data", "render_failed", "unreadable", "write_failed"]}}] if name == "images" else []
         paths[f"/minipacs/{name}"] = _operation(f"A page of {name}", _page(item),
                                                 parameters=PAGING + extra, errors=())
         paths[f"/minipacs/{name}/count"] = _operation(f"How many {name}", _ref("Count"), errors=())

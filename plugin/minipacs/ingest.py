@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -221,6 +222,8 @@ class _OrthancDecoder:
         self.decoded, self.asked = decoded, False
 
     def __call__(self, frame: int) -> np.ndarray:
+        if isinstance(sys.exc_info()[1], MemoryError):  # Orthanc's decoder would need as much
+            raise RenderError("not tried: pydicom's decoder ran out of memory")
         if self.decoded is None:
             self.asked = True
             raise RenderError("Orthanc's decoder is needed")

@@ -42,6 +42,7 @@ from .scoring import Scorer, score_columns
 log = logging.getLogger("minipacs")
 STARTUP_SECONDS = 120  # imports on a busy 2-core machine
 MiB = 1 << 20
+OUT_OF_MEMORY = 3  # the child's exit status when a request itself does not fit its memory
 
 
 class SandboxError(Exception):
@@ -99,6 +100,8 @@ class Child:
 
     def _death(self) -> str:
         code = self.process.wait()
+        if code == OUT_OF_MEMORY:
+            return f"exceeded the memory limit ({self.memory_mb} MB)"
         if code == -signal.SIGXCPU:
             return f"exceeded the CPU time limit ({self.seconds} s)"
         if code < 0:
@@ -243,7 +246,7 @@ def _cpu_deadline(seconds: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(spent) + seconds, hard))
 
 
-def main(memory_mb: int, seconds: int) -> None:
+def serve(memory_mb: int, seconds: int) -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not break the protocol
     logging.basicConfig(stream=sys.stderr, format="minipacs sandbox %(process)d: %(message)s")
@@ -296,6 +299,13 @@ def main(memory_mb: int, seconds: int) -> None:
         scores = ([{**score_columns(None), "status_detail": failed} for _ in shown] if failed
                   else score_images(scorer, shown))
         send({"scores": scores})
+
+
+def main(memory_mb: int, seconds: int) -> None:
+    try:
+        serve(memory_mb, seconds)
+    except MemoryError:  # reading a request (an instance's file and Orthanc's decoding of it)
+        sys.exit(OUT_OF_MEMORY)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,22 @@ def context() -> dict:
             "load_average_1min_at_start": os.getloadavg()[0]}
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) that a process has used so far, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system) that a process and its children have used so far, from /proc
+    (Linux): minipacs's sandboxed renderers are children of Orthanc's process. Children that
+    have ended count through their parent's cutime and cstime."""
+    fields = _stat(pid)
+    ticks = sum(int(fields[k]) for k in (11, 12, 13, 14))
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(pid):
+            try:
+                child = _stat(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if child[1] == str(pid):
+                ticks += int(child[11]) + int(child[12])
+    return ticks / os.sysconf("SC_CLK_TCK")

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import threading
+import time
 import warnings
 
 import orthanc
@@ -133,6 +134,7 @@ class MiniPacs:
 
     def __init__(self, configuration: dict):
         self.config = config = from_orthanc(configuration)
+        self.started = time.time()
         config.png_directory.mkdir(parents=True, exist_ok=True)
         self.index = Index(config.database)
         self.settings = Settings(config.png_directory, config.png_compress_level, config.window_index)
@@ -195,7 +197,14 @@ class MiniPacs:
             self.reconcile()
             for instance_id in sorted(self.index.orthanc_instance_ids(WRITE_FAILED)):
                 self.worker.submit(instance_id)
-            sweep(self.index, config.png_directory)
+            sweep(self.index, config.png_directory, self.started)
+        if self.sandbox:
+            try:
+                self.sandbox.start()
+            except Exception as exc:  # storing and indexing go on, without the isolation
+                log.error("the sandboxed renderers cannot start (%s): rendering in Orthanc's "
+                          "process instead", exc)
+                self.pipeline.renderer = None
         rounds = 0
         while config.reconcile_interval and not self.stopping.wait(config.reconcile_interval):
             rounds += 1
@@ -216,9 +225,9 @@ class MiniPacs:
             threading.Thread(target=self.keep_reconciled, name="minipacs-reconcile", daemon=True).start()
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.stopping.set()
-            self.worker.stop()
-            if self.sandbox:
+            if self.sandbox:  # first: a worker in the middle of a long render returns at once
                 self.sandbox.close()
+            self.worker.stop()
 
     def on_rest(self, output, uri, **request) -> None:
         groups = request.get("groups") or ("",)

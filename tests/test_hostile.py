@@ -150,20 +150,21 @@ def test_an_instance_that_never_finishes_is_given_up_and_its_batch_mates_indexed
     server = OrthancServer(tmp_path, MiniPacs={"DataDirectory": str(tmp_path / "minipacs"),
                                                "DeferWhileStoring": 0})
     server.start()
-    slow = server.upload(noise_image(8000)).json()["ID"]
-    others = []
-    for attempt in range(3):
-        wait_until(lambda: not server.json("/minipacs/ingest")["worker"]["idle"], 60, "worker busy")
-        if attempt == 1:  # batch-mates, rendered by the other worker meanwhile
-            others = [server.upload(data).json()["ID"] for data in slices(1, 2, seed=3)]
-            wait_until(lambda: server.json("/minipacs/images/count")["count"] == len(others), 60,
-                       "batch-mates indexed")
-        time.sleep(0.3)
-        assert slow not in indexed_ids(server), "rendered before Orthanc was killed: too fast"
-        server.process.kill()
-        server.process.wait()
-        server.start()
     try:
+        slow = server.upload(noise_image(8000)).json()["ID"]
+        others = []
+        for attempt in range(3):
+            wait_until(lambda: not server.json("/minipacs/ingest")["worker"]["idle"], 60, "worker busy")
+            if attempt == 1:  # batch-mates, rendered by the other worker meanwhile
+                others = [server.upload(data).json()["ID"] for data in slices(1, 2, seed=3)]
+                wait_until(lambda: server.json("/minipacs/images/count")["count"] == len(others), 60,
+                           "batch-mates indexed")
+            time.sleep(0.3)
+            assert slow not in indexed_ids(server), "rendered before Orthanc was killed: too fast"
+            server.process.kill()
+            server.process.wait()
+            server.start()
+        wait_until(lambda: slow in indexed_ids(server), 60, "the slow instance recorded")
         server.wait_for_ingest()
         indexed = rows(server)
         image = indexed[slow]

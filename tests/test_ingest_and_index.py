@@ -1,6 +1,7 @@
 """The pipeline and the index, without Orthanc: real files in, rows and PNGs out."""
 
 import io
+import os
 import re
 import sqlite3
 import threading
@@ -643,3 +644,41 @@ def test_an_index_made_before_reasons_gains_anomaly_reason_in_every_item(tmp_pat
     with sqlite3.connect(index.path) as db:
         db.execute("UPDATE images SET item = json_set(item, '$.Marker', 1)")
     assert "Marker" in idx.Index(index.path).get(idx.IMAGES, "1.2.3.0")
+
+
+def test_sweep_removes_only_old_files_without_a_row(index, settings):
+    from minipacs.ingest import sweep
+    image = run(index, settings, "CT_small.dcm")
+    png = settings.png_directory
+    old_orphan, old_part, new_orphan = png / "gone.png", png / "x.png.part", png / "coming.png"
+    for path in (old_orphan, old_part, new_orphan):
+        path.write_bytes(b"\x89PNG")
+    an_hour_ago = time.time() - 3600
+    for path in (old_orphan, old_part, png / image["png"]):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    assert sweep(index, png, time.time() - 60) == 2
+    assert sorted(p.name for p in png.iterdir()) == sorted([image["png"], "coming.png"])
+
+
+def test_a_deletion_after_the_fetch_keeps_the_row_out(index, settings):
+    """The worker fetched the file, then Orthanc deleted its study: the late write is dropped,
+    and its PNG with it; a re-sent instance (fetched after the deletion) is written again."""
+    from minipacs.ingest import Deletions, ingest_many, remove
+    path = find("CT_small.dcm")
+    instance = instance_id_of(path)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    study = orthanc_ids(ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID).study
+    deletions = Deletions()
+    fetched = deletions.fetching()
+    remove(index, settings.png_directory, "studies", study, deletions)
+    ingest_many(index, settings, [(instance, path.read_bytes())], OfflineLookup(),
+                deletions=deletions, fetched=fetched)
+    deletions.done(fetched)
+    assert index.counts()["images"] == 0
+    assert list(settings.png_directory.iterdir()) == []
+    assert index.claims() == {}
+    again = deletions.fetching()
+    ingest_many(index, settings, [(instance, path.read_bytes())], OfflineLookup(),
+                deletions=deletions, fetched=again)
+    deletions.done(again)
+    assert index.counts()["images"] == 1

@@ -230,6 +230,10 @@ class _OrthancDecoder:
         return self.decoded
 
 
+class Stopping(Exception):
+    """Orthanc is stopping: the batch in hand is left to the next start (its claims stay)."""
+
+
 @dataclass
 class Outcome:
     """What rendering one instance gave. ``record`` is None when pydicom could not read the
@@ -454,14 +458,17 @@ def reconcile(index: idx.Index, png_directory: Path, in_orthanc: set[str],
     return queued, len(deleted)
 
 
-def sweep(index: idx.Index, png_directory: Path) -> int:
-    """Remove the files no row refers to: PNGs of rows never written or deleted while
-    minipacs was not running, and temporary files a crash left. Returns how many."""
+def sweep(index: idx.Index, png_directory: Path, before: float) -> int:
+    """Remove the files no row refers to, last written before ``before`` (a time): PNGs of rows
+    never written or deleted while minipacs was not running, and temporary files a crash left.
+    Newer files may be a worker's, whose row is on its way. Returns how many were removed."""
     known = index.png_names()
     removed = 0
     with os.scandir(png_directory) as entries:
         for entry in entries:
-            if entry.name.endswith(".png.part") or (entry.name.endswith(".png") and entry.name not in known):
+            orphan = entry.name.endswith(".png.part") or (entry.name.endswith(".png")
+                                                           and entry.name not in known)
+            if orphan and entry.stat().st_mtime < before:
                 Path(entry.path).unlink(missing_ok=True)
                 removed += 1
     if removed:
@@ -566,6 +573,8 @@ class Pipeline:
                                      self.renderer, self.deletions, number)
             except sqlite3.Error as exc:
                 self._failed("writing the index", str(exc), [i for i, _ in items])
+                return
+            except Stopping:
                 return
         finally:
             self.deletions.done(number)

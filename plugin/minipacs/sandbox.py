@@ -27,6 +27,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import index as idx
-from .ingest import (_EMPTY_RENDER, WORKER_NICENESS, Outcome, Settings, add_scores,
+from .ingest import (_EMPTY_RENDER, WORKER_NICENESS, Outcome, Settings, Stopping, add_scores,
                      render_and_score, score_images)
 from .scoring import Scorer, score_columns
 
@@ -165,18 +166,35 @@ class Sandbox:
         self.settings, self.model = settings, model
         self.memory_mb, self.seconds = memory_mb, seconds
         self._idle: queue.SimpleQueue[Child] = queue.SimpleQueue()
+        self._children: set[Child] = set()
+        self._lock = threading.Lock()
+        self.closed = False
         self.deaths = 0
 
     def _child(self) -> Child:
         try:
             return self._idle.get_nowait()
         except queue.Empty:
-            return Child(self.memory_mb, self.seconds)
+            child = Child(self.memory_mb, self.seconds)
+            with self._lock:
+                self._children.add(child)
+            return child
+
+    def _discard(self, child: Child) -> None:
+        with self._lock:
+            self._children.discard(child)
+        child.close()
+
+    def start(self) -> None:
+        """Start one child now, so that an interpreter that cannot run it is found at start."""
+        self._idle.put(self._child())
 
     def render(self, items: Sequence[tuple[str, bytes, np.ndarray | None]]) -> list[Outcome]:
         by_id: dict[str, Outcome] = {}
         pending = list(items)
         while pending:
+            if self.closed:
+                raise Stopping("the renderers are closed")
             child = self._child()
             try:
                 for outcome in child.run(self.settings, self.model(), pending):
@@ -184,8 +202,10 @@ class Sandbox:
                 pending = []
                 self._idle.put(child)
             except Crash as crash:
+                self._discard(child)
+                if self.closed:  # killed by close(): no verdict on the instance in hand
+                    raise Stopping("the renderers are closed") from crash
                 self.deaths += 1
-                child.close()
                 if len(crash.finished) == len(pending):  # died while scoring: keep the renders
                     for outcome in crash.finished:
                         outcome.image["status_detail"] = "; ".join(filter(None, (
@@ -200,11 +220,12 @@ class Sandbox:
         return [by_id[item[0]] for item in items]
 
     def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+        """Kill every child, those rendering too (Orthanc is stopping)."""
+        self.closed = True
+        with self._lock:
+            children, self._children = self._children, set()
+        for child in children:
+            child.close()
 
 
 def died(instance_id: str, why: str) -> Outcome:

@@ -87,7 +87,10 @@ install_ohif() {
 setup() { install_apt "${1:-}"; install_venv "${1:-}"; install_ohif; }
 
 orthanc_env() {
-  export PYTHONPATH="$VENV/lib/python3.11/site-packages:$ROOT/plugin${PYTHONPATH:+:$PYTHONPATH}"
+  # The venv's site-packages, whatever Python version Debian's release has (3.11, 3.13, ...).
+  local site
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  export PYTHONPATH="$site:$ROOT/plugin${PYTHONPATH:+:$PYTHONPATH}"
 }
 
 start() {

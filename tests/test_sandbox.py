@@ -169,3 +169,26 @@ def test_pipeline_retries_what_a_failing_index_refused(tmp_path, settings, monke
     assert index.image_by_orthanc_id(instance)["Status"] == "rendered"
     assert index.claims() == {}
     assert [p.name for p in settings.png_directory.iterdir()] == [f"{instance}.png"]
+
+
+def test_decoder_notes_stay_with_their_image_with_two_workers(settings):
+    """pydicom's warnings are caught per process (warnings.catch_warnings is not thread-safe):
+    each worker's child renders alone, so a note never lands on another worker's image."""
+    sandbox = Sandbox(settings, lambda: None, 1024, 60)
+    padded, plain = find("MR_small_padded.dcm").read_bytes(), find("MR_small.dcm").read_bytes()
+    details: dict[str, list] = {"padded": [], "plain": []}
+
+    def work(name, data):
+        for n in range(15):
+            details[name].append(sandbox.render([(f"{name}{n}", data, None)])[0].image["status_detail"])
+
+    threads = [threading.Thread(target=work, args=args) for args in (("padded", padded), ("plain", plain))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sandbox.close()
+    assert all(detail and "excess padding" in detail for detail in details["padded"])
+    assert details["plain"] == [None] * 15

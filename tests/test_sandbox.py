@@ -192,3 +192,18 @@ def test_decoder_notes_stay_with_their_image_with_two_workers(settings):
         sandbox.close()
     assert all(detail and "excess padding" in detail for detail in details["padded"])
     assert details["plain"] == [None] * 15
+
+
+def test_a_child_left_holding_much_memory_is_replaced(settings):
+    """Memory a large image left a child holding is not kept: the child is replaced (here past
+    150 MB; a child without a model holds about 100 MB, 200 MB after a 7000² image)."""
+    sandbox = Sandbox(settings, lambda: None, 4096, 60, recycle_mb=150)
+    try:
+        sandbox.render([("small", find("CT_small.dcm").read_bytes(), None)])
+        small = sandbox._idle.get_nowait()
+        sandbox._idle.put(small)
+        sandbox.render([("big", noise_image(7000), None)])
+        assert not small.alive(), "the child that rendered 7000² was kept"
+        assert sandbox.deaths == 0
+    finally:
+        sandbox.close()

@@ -44,6 +44,7 @@ log = logging.getLogger("minipacs")
 STARTUP_SECONDS = 120  # imports on a busy 2-core machine
 MiB = 1 << 20
 OUT_OF_MEMORY = 3  # the child's exit status when a request itself does not fit its memory
+RECYCLE_MB = 512  # a child holding more (freed memory is not handed back) is replaced
 
 
 class SandboxError(Exception):
@@ -75,6 +76,14 @@ class Child:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def resident_mb(self) -> float:
+        """The child's resident memory: what a large image left it holding."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+            return int(status.split("VmRSS:")[1].split()[0]) / 1024
+        except (OSError, IndexError, ValueError):
+            return 0.0
 
     def close(self) -> None:
         if self.alive():
@@ -162,9 +171,9 @@ class Sandbox:
     contract (a :data:`minipacs.ingest.Renderer`), each call in a child of its own."""
 
     def __init__(self, settings: Settings, model: Callable[[], dict | None], memory_mb: int,
-                 seconds: int):
+                 seconds: int, recycle_mb: float = RECYCLE_MB):
         self.settings, self.model = settings, model
-        self.memory_mb, self.seconds = memory_mb, seconds
+        self.memory_mb, self.seconds, self.recycle_mb = memory_mb, seconds, recycle_mb
         self._idle: queue.SimpleQueue[Child] = queue.SimpleQueue()
         self._children: set[Child] = set()
         self._lock = threading.Lock()
@@ -200,7 +209,10 @@ class Sandbox:
                 for outcome in child.run(self.settings, self.model(), pending):
                     by_id[outcome.instance_id] = outcome
                 pending = []
-                self._idle.put(child)
+                if child.resident_mb() > self.recycle_mb:
+                    self._discard(child)
+                else:
+                    self._idle.put(child)
             except Crash as crash:
                 self._discard(child)
                 if self.closed:  # killed by close(): no verdict on the instance in hand

@@ -81,6 +81,16 @@ def wait_until_processed(server: OrthancServer, count: int, timeout: float = 360
         time.sleep(0.02)
 
 
+def wait_until_renderers(server: OrthancServer, count: int, timeout: float = 120) -> None:
+    """Until minipacs's sandboxed renderers have started (at Orthanc's start, in the background):
+    their start-up is a cost per Orthanc start, not per instance."""
+    deadline = time.monotonic() + timeout
+    while server.json("/minipacs/ingest")["worker"]["renderers"] < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} renderers not started after {timeout} s")
+        time.sleep(0.05)
+
+
 #: Configurations that leave out part of minipacs's work, each a supported one (see README).
 WITHOUT = {"score_metadata": lambda config: config.pop("UserMetadata"),
            "model": lambda config: config["MiniPacs"].update(ModelPath=""),
@@ -101,6 +111,8 @@ def ingest_with_minipacs(work: Path, files: list[bytes], clients: int, defer: in
     plugin.start()
     try:
         model = plugin.json("/minipacs/model").get("Version")
+        if plugin.config["MiniPacs"].get("Sandbox", True):  # started once, not per instance
+            wait_until_renderers(plugin, plugin.config["MiniPacs"].get("Workers", 2))
         cpu_before_upload, start = cpu_seconds(plugin.process.pid), time.perf_counter()
         upload_s = upload_all(plugin.url, files, clients)
         cpu_after_upload = cpu_seconds(plugin.process.pid)

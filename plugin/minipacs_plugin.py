@@ -177,6 +177,7 @@ class MiniPacs:
 
     def ingest_stats(self) -> dict:
         return {**self.worker.stats(), "retrying": self.pipeline.retries.pending(),
+                "renderers": self.sandbox.ready() if self.sandbox else 0,
                 "renderers_replaced": self.sandbox.deaths if self.sandbox else 0}
 
     def process(self, instance_ids: list[str]) -> None:
@@ -200,7 +201,7 @@ class MiniPacs:
             sweep(self.index, config.png_directory, self.started)
         if self.sandbox:
             try:
-                self.sandbox.start()
+                self.sandbox.start(config.workers)
             except Exception as exc:  # storing and indexing go on, without the isolation
                 log.error("the sandboxed renderers cannot start (%s): rendering in Orthanc's "
                           "process instead", exc)

@@ -194,9 +194,16 @@ class Sandbox:
             self._children.discard(child)
         child.close()
 
-    def start(self) -> None:
-        """Start one child now, so that an interpreter that cannot run it is found at start."""
-        self._idle.put(self._child())
+    def start(self, count: int) -> None:
+        """Start ``count`` children now (one per worker): the first batches need not wait for
+        them, and an interpreter that cannot run them is found at start."""
+        for _ in range(count):
+            self._idle.put(self._child())
+
+    def ready(self) -> int:
+        """Children alive, rendering or waiting."""
+        with self._lock:
+            return sum(child.alive() for child in self._children)
 
     def render(self, items: Sequence[tuple[str, bytes, np.ndarray | None]]) -> list[Outcome]:
         by_id: dict[str, Outcome] = {}

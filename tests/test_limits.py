@@ -1,0 +1,293 @@
+"""Decompression bombs other than codestream headers (tests/test_codestream.py has those):
+deflated data sets, segmented palette LUTs, overlays and float frames, each made here small on
+disk, is refused with its reason or rendered within a memory bound; and the render sanitation of
+absurd window and rescale values."""
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+
+from corpus import find
+from minipacs import limits
+from minipacs.render import MAX_LUT_ENTRIES, RenderError, render, segmented_lut_entries
+
+
+def ct() -> Dataset:
+    ds = pydicom.dcmread(find("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    return ds
+
+
+def _explicit(ds: Dataset) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _zeros_deflated(size: int) -> bytes:
+    """``size`` zero bytes (a multiple of 1 MiB) as raw deflate blocks with no final block: one
+    fully flushed MiB, repeated, since a full flush makes its blocks independent (RFC 1951)."""
+    assert size % (1 << 20) == 0
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    block = deflater.compress(bytes(1 << 20)) + deflater.flush(zlib.Z_FULL_FLUSH)
+    return block * (size >> 20)
+
+
+def deflated(ds: Dataset, tag: int | None = None, vr: bytes = b"OB", zeros: int = 0) -> bytes:
+    """``ds`` as a Deflated Explicit VR Little Endian Part 10 file (PS3.5 A.5); with ``tag``,
+    an element of ``zeros`` zero bytes put in its place among the others, without ever being
+    held in memory."""
+    before, after = Dataset(), Dataset()
+    for elem in ds:
+        (before if tag is None or elem.tag < tag else after).add(elem)
+    parts = [_explicit(before)]
+    if tag is not None:
+        parts.append(struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, zeros))
+    head = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    tail = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = (head.compress(b"".join(parts)) + head.flush(zlib.Z_FULL_FLUSH) + _zeros_deflated(zeros)
+            + tail.compress(_explicit(after)) + tail.flush())
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta)
+    return bytes(128) + b"DICM" + meta.getvalue() + body
+
+
+def float_frame(side: int) -> Dataset:
+    """A CT turned into a ``side``² float32 frame of zeros (Float Pixel Data, C.7.6.24)."""
+    ds = ct()
+    del ds.PixelData, ds.RescaleSlope, ds.RescaleIntercept
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 32, 32, 31
+    ds.FloatPixelData = bytes(side * side * 4)
+    return ds
+
+
+def add_overlay(ds: Dataset, rows: int, columns: int, data: bytes, frames: int = 1) -> Dataset:
+    ds.add_new(0x60000010, "US", rows)
+    ds.add_new(0x60000011, "US", columns)
+    ds.add_new(0x60000015, "IS", frames)
+    ds.add_new(0x60000040, "CS", "G")
+    ds.add_new(0x60000050, "SS", [1, 1])
+    ds.add_new(0x60000100, "US", 1)
+    ds.add_new(0x60000102, "US", 0)
+    ds.add_new(0x60003000, "OW", data)
+    return ds
+
+
+def private_bomb() -> bytes:
+    """A 1 GiB private element of zeros in a ~1 MB deflated file."""
+    ds = ct()
+    ds.add_new(0x00090010, "LO", "MINIPACS HOSTILE")
+    return deflated(ds, 0x00091000, b"OB", 1 << 30)
+
+
+def overlay_bomb() -> bytes:
+    """An overlay of 46341² bits (268 MB of zeros) in a ~260 KB deflated file."""
+    ds = ct()
+    add_overlay(ds, 46341, 46341, b"")
+    del ds[0x6000, 0x3000]
+    return deflated(ds, 0x60003000, b"OW", 268 << 20)
+
+
+def deflated_cases() -> dict[str, tuple[bytes, str]]:
+    """name → (file, regular expression of the reason it is refused)."""
+    return {
+        "deflated_private_element_1_gib": (private_bomb(), r"deflated data set inflates to more "
+                                                           r"than 603979776 bytes"),
+        "deflated_overlay_46341": (overlay_bomb(), r"inflates to 2810\d+ bytes, more than its "
+                                                   r"pixel data justify \(32768 bytes"),
+    }
+
+
+def test_a_normal_deflated_file_passes_and_renders_as_its_twin():
+    data = deflated(ct())
+    limits.check_deflated(data)
+    shown = render(pydicom.dcmread(io.BytesIO(data)))
+    assert np.array_equal(shown.pixels, render(ct()).pixels)
+
+
+def test_files_in_other_syntaxes_are_not_inflated():
+    for ds in (ct(), pydicom.dcmread(find("JPEG2000.dcm"))):
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        limits.check_deflated(buffer.getvalue())
+    limits.check_deflated(b"")
+    limits.check_deflated(bytes(128) + b"DICM" + bytes(100))
+
+
+@pytest.mark.parametrize("name", sorted(deflated_cases()))
+def test_deflate_bombs_are_refused_before_pydicom_inflates_them(name):
+    data, reason = deflated_cases()[name]
+    assert len(data) < 1_200_000
+    with pytest.raises(RenderError, match=reason):
+        limits.check_deflated(data)
+
+
+def test_float_frame_at_the_budget_passes_the_deflate_bound():
+    """11585² float32 (512 MiB of pixels) is within the sample budget: not refused for size."""
+    ds = float_frame(1)
+    ds.Rows = ds.Columns = 11585
+    del ds.FloatPixelData
+    limits.check_deflated(deflated(ds, 0x7FE00008, b"OF", 11585 * 11585 * 4 // (1 << 20) << 20))
+
+
+def test_the_top_level_walk_skips_nested_sequences():
+    """Rows inside an undefined-length sequence item is not the image's Rows."""
+    ds = ct()
+    item = Dataset()
+    item.Rows = 9999
+    ds.ReferencedImageSequence = [item]
+    body = _explicit(ds)
+    sequence = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF)
+    assert sequence not in body  # pydicom writes defined lengths: make one undefined
+    seq = ds["ReferencedImageSequence"]
+    seq.is_undefined_length = True
+    seq.value[0].is_undefined_length_sequence_item = True
+    body = _explicit(ds)
+    assert sequence in body
+    found = limits.top_level(limits._Stream(iter([body])), {limits.ROWS})
+    assert struct.unpack("<H", found[limits.ROWS])[0] == 128
+
+
+# Segmented palette LUTs (C.7.9.2) ------------------------------------------------------------
+
+def doubling_lut(doublings: int) -> tuple[int, ...]:
+    """One discrete entry, then indirect segments each repeating every segment before it."""
+    words = [0, 1, 0x8000]
+    for k in range(1, doublings + 1):
+        words += [2, k, 0, 0]
+    return tuple(words)
+
+
+def palette(words: tuple[int, ...]) -> Dataset:
+    ds = pydicom.dcmread(find("gdcm-US-ALOKA-16.dcm"))
+    data = np.array(words, "<u2").tobytes()
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"Segmented{colour}PaletteColorLookupTableData", data)
+    ds.SOPInstanceUID = generate_uid()
+    return ds
+
+
+def test_segmented_lut_length_follows_pydicom_expansion():
+    from pydicom.pixels.processing import _expand_segmented_lut
+    real = pydicom.dcmread(find("gdcm-US-ALOKA-16.dcm")).SegmentedRedPaletteColorLookupTableData
+    for words in (doubling_lut(10), tuple(np.frombuffer(real, "<u2").tolist()),
+                  (0, 3, 1, 2, 3, 1, 4, 9, 2, 2, 0, 0)):
+        assert segmented_lut_entries(words, 16) == len(_expand_segmented_lut(words, "<H"))
+
+
+def test_doubling_segmented_lut_is_refused_before_expansion():
+    ds = palette(doubling_lut(40))  # 2^40 entries from 330 bytes
+    with pytest.raises(RenderError, match=f"expands to more than {MAX_LUT_ENTRIES} entries"):
+        render(ds)
+
+
+def test_self_referencing_segmented_lut_is_refused():
+    ds = palette((0, 1, 7, 2, 0, 3, 0))  # indirect, all segments from itself on: endless
+    with pytest.raises(RenderError, match="segmented palette LUT"):
+        render(ds)
+
+
+# Overlays (C.9.2) -----------------------------------------------------------------------------
+
+def test_overlay_over_the_budget_is_refused_before_unpacking():
+    ds = add_overlay(ct(), 46341, 46341, b"\xff" * 64)
+    with pytest.raises(RenderError, match="overlay 6000 of 46341×46341 pixels is more than"):
+        render(ds)
+
+
+def test_overlay_larger_than_the_image_is_clipped_unpacking_only_its_rows():
+    """4096² × 128 frames would be 268 MB of bits: only the image's 128 rows of the first frame
+    are read, so data holding just those are enough."""
+    columns = 4096
+    rows = np.zeros((128, columns), bool)
+    rows[::2, :64] = True  # stripes on the image's left half
+    ds = add_overlay(ct(), 4096, columns, np.packbits(rows, bitorder="little").tobytes(), 128)
+    shown = render(ds).pixels
+    assert (shown[::2, :64] == 255).all()
+    assert np.array_equal(shown[1::2], render(ct()).pixels[1::2])
+    del ds[0x6000, 0x3000]
+    add_overlay(ds, 4096, columns, b"\xff" * 100)
+    with pytest.raises(RenderError, match="cannot read overlay 6000: its data hold 800 bits"):
+        render(ds)
+
+
+# Float frames: temporaries stay small beside the frame ---------------------------------------
+
+CHILD = r"""
+import json, resource, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_limits import ct, float_frame
+from minipacs.render import render
+render(ct())
+ds = float_frame(int(sys.argv[2]))
+ds.FloatPixelData = np.random.default_rng(0).random((ds.Rows, ds.Columns), np.float32).tobytes()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+shown = render(ds)
+print(json.dumps({"grew_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before,
+                  "source": shown.window_source}))
+"""
+
+
+def test_float_frame_renders_without_float64_copies():
+    """A 4096² float32 frame (64 MiB): a float64 copy and its window temporaries took 545 MB
+    more; rendering a chunk of rows at a time takes less than the frame itself."""
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", CHILD, str(tests), "4096"], capture_output=True,
+                          text=True, timeout=120,
+                          env={"PYTHONPATH": f"{tests.parent / 'plugin'}:{tests}", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["source"] == "minmax" and result["grew_kb"] < 64 * 1024, result
+
+
+# Sanitation: absurd window and rescale values -------------------------------------------------
+
+def with_values(**values: str) -> Dataset:
+    """A CT whose DS elements hold these exact strings, as a broken exporter writes them."""
+    ds = ct()
+    for keyword, text in values.items():
+        ds.add_new(keyword, "DS", None)
+        ds[keyword]._value = text
+    buffer = io.BytesIO()
+    ds.save_as(buffer)  # read back, as the plugin reads files
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
+@pytest.mark.parametrize("center, width", [("40", "inf"), ("40", "nan"), ("-9.22e18", "400"),
+                                           ("abc", "400"), ("40", "abc")])
+def test_absurd_or_unreadable_window_falls_back_to_minmax(center, width):
+    """What DCMTK shows with +Wm, not the grey, black or white image its +Wi 1 shows."""
+    shown = render(with_values(WindowCenter=center, WindowWidth=width))
+    assert (shown.window_source, shown.window_center, shown.window_width) == ("minmax", 136.0, 2064.0)
+    assert np.array_equal(shown.pixels, render(ct()).pixels)
+
+
+@pytest.mark.parametrize("slope, intercept", [("nan", "-1024"), ("inf", "-1024"),
+                                              ("1e308", "-1024"), ("1", "inf")])
+def test_rescale_giving_absurd_values_is_refused(slope, intercept):
+    """DCMTK renders these all black; an index row saying 'rendered' would hide the fault."""
+    with pytest.raises(RenderError, match=r"Rescale Slope .* give modality values that are not "
+                                          r"finite or beyond ±2\^53"):
+        render(with_values(RescaleSlope=slope, RescaleIntercept=intercept))
+
+
+def test_unreadable_rescale_is_ignored_as_dcmtk_does():
+    shown = render(with_values(RescaleSlope="abc"))
+    assert shown.rescale_slope is None and shown.window_source == "minmax"

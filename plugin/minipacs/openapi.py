@@ -17,9 +17,12 @@ def _object(required: list[str], **properties) -> dict:
 
 SCHEMAS = {
     # Errors are ours ({"error", "status"}) or, for paths Orthanc refuses itself (".."), Orthanc's.
-    # An unknown ?reason= also lists the known ones (Reasons).
+    # An unknown ?reason= also lists the known ones (Reasons), an unknown query parameter
+    # those the route accepts (Accepted), a 405 the methods it allows (allowed).
     "Error": {"type": "object", "properties": {"error": _STRING, "status": {"type": "integer"},
-                                               "Reasons": {"type": "array", "items": _STRING}}},
+                                               "Reasons": {"type": "array", "items": _STRING},
+                                               "Accepted": {"type": "array", "items": _STRING},
+                                               "allowed": _STRING}},
     "Count": _object(["count"], count={"type": "integer", "minimum": 0}),
     "Counts": _object(["patients", "studies", "series", "images"],
                       **{k: {"type": "integer", "minimum": 0}

@@ -272,10 +272,13 @@ class Router:
         return summary
 
     def model(self, query):
-        return self.models.describe()
+        """The model in use, and how many images it has not scored (a rescore's work)."""
+        model = self.models.describe()
+        return {**model, **self.index.unscored_by(model["Version"])} if model["Loaded"] else model
 
     def reload_model(self, query, body):
-        """Load the configured model file again, or ``{"Path": "..."}``, without a restart."""
+        """Load the configured model file again, or ``{"Path": "..."}``, without a restart; a
+        model that fails :class:`Scorer`'s checks is a 400 and the one in use stays."""
         try:
             request = json.loads(body or b"{}")
         except ValueError as exc:
@@ -289,7 +292,7 @@ class Router:
             self.models.load(path)
         except ModelError as exc:
             raise HttpError(400, str(exc), Model=self.models.describe())
-        return self.models.describe()
+        return self.model(query)
 
     def rescore_progress(self, query):
         if self.rescorer is None:

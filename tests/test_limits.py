@@ -38,12 +38,12 @@ def _explicit(ds: Dataset) -> bytes:
 
 
 def _zeros_deflated(size: int) -> bytes:
-    """``size`` zero bytes (a multiple of 1 MiB) as raw deflate blocks with no final block: one
-    fully flushed MiB, repeated, since a full flush makes its blocks independent (RFC 1951)."""
-    assert size % (1 << 20) == 0
-    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    block = deflater.compress(bytes(1 << 20)) + deflater.flush(zlib.Z_FULL_FLUSH)
-    return block * (size >> 20)
+    """``size`` zero bytes as raw deflate blocks with no final block: one fully flushed MiB,
+    repeated, since a full flush makes its blocks independent (RFC 1951), then the rest."""
+    def flushed(n: int) -> bytes:
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return deflater.compress(bytes(n)) + deflater.flush(zlib.Z_FULL_FLUSH)
+    return flushed(1 << 20) * (size >> 20) + flushed(size & ((1 << 20) - 1))
 
 
 def deflated(ds: Dataset, tag: int | None = None, vr: bytes = b"OB", zeros: int = 0) -> bytes:
@@ -89,28 +89,36 @@ def add_overlay(ds: Dataset, rows: int, columns: int, data: bytes, frames: int =
     return ds
 
 
-def private_bomb() -> bytes:
+def private_bomb() -> tuple[Dataset, bytes]:
     """A 1 GiB private element of zeros in a ~1 MB deflated file."""
     ds = ct()
     ds.add_new(0x00090010, "LO", "MINIPACS HOSTILE")
-    return deflated(ds, 0x00091000, b"OB", 1 << 30)
+    return ds, deflated(ds, 0x00091000, b"OB", 1 << 30)
 
 
-def overlay_bomb() -> bytes:
+def overlay_bomb() -> tuple[Dataset, bytes]:
     """An overlay of 46341² bits (268 MB of zeros) in a ~260 KB deflated file."""
     ds = ct()
     add_overlay(ds, 46341, 46341, b"")
     del ds[0x6000, 0x3000]
-    return deflated(ds, 0x60003000, b"OW", 268 << 20)
+    return ds, deflated(ds, 0x60003000, b"OW", -(-46341 * 46341 // 16) * 2)  # bits, as words
 
 
-def deflated_cases() -> dict[str, tuple[bytes, str]]:
-    """name → (file, regular expression of the reason it is refused)."""
+def float_at_the_budget() -> tuple[Dataset, bytes]:
+    """An 11585² float32 frame of zeros (512 MiB) in a ~520 KB deflated file."""
+    ds = float_frame(1)
+    ds.Rows = ds.Columns = 11585
+    del ds.FloatPixelData
+    return ds, deflated(ds, 0x7FE00008, b"OF", 11585 * 11585 * 4)
+
+
+def deflated_cases() -> dict[str, tuple[Dataset, bytes, str]]:
+    """name → (data set, its deflated file, regular expression of the reason it is refused)."""
     return {
-        "deflated_private_element_1_gib": (private_bomb(), r"deflated data set inflates to more "
-                                                           r"than 603979776 bytes"),
-        "deflated_overlay_46341": (overlay_bomb(), r"inflates to 2810\d+ bytes, more than its "
-                                                   r"pixel data justify \(32768 bytes"),
+        "deflated_private_element_1_gib": (*private_bomb(), r"deflated data set inflates to "
+                                                            r"more than 603979776 bytes"),
+        "deflated_overlay_46341": (*overlay_bomb(), r"inflates to 2684\d+ bytes, more than its "
+                                                    r"pixel data justify \(32768 bytes"),
     }
 
 
@@ -132,7 +140,7 @@ def test_files_in_other_syntaxes_are_not_inflated():
 
 @pytest.mark.parametrize("name", sorted(deflated_cases()))
 def test_deflate_bombs_are_refused_before_pydicom_inflates_them(name):
-    data, reason = deflated_cases()[name]
+    _, data, reason = deflated_cases()[name]
     assert len(data) < 1_200_000
     with pytest.raises(RenderError, match=reason):
         limits.check_deflated(data)
@@ -140,10 +148,9 @@ def test_deflate_bombs_are_refused_before_pydicom_inflates_them(name):
 
 def test_float_frame_at_the_budget_passes_the_deflate_bound():
     """11585² float32 (512 MiB of pixels) is within the sample budget: not refused for size."""
-    ds = float_frame(1)
-    ds.Rows = ds.Columns = 11585
-    del ds.FloatPixelData
-    limits.check_deflated(deflated(ds, 0x7FE00008, b"OF", 11585 * 11585 * 4 // (1 << 20) << 20))
+    _, data = float_at_the_budget()
+    assert len(data) < 600_000
+    limits.check_deflated(data)
 
 
 def test_the_top_level_walk_skips_nested_sequences():
@@ -206,18 +213,27 @@ def test_self_referencing_segmented_lut_is_refused():
 # Overlays (C.9.2) -----------------------------------------------------------------------------
 
 def test_overlay_over_the_budget_is_refused_before_unpacking():
-    ds = add_overlay(ct(), 46341, 46341, b"\xff" * 64)
+    ds = overlay_over_the_budget()
     with pytest.raises(RenderError, match="overlay 6000 of 46341×46341 pixels is more than"):
         render(ds)
 
 
+def overlay_over_the_budget() -> Dataset:
+    return add_overlay(ct(), 46341, 46341, b"\xff" * 64)
+
+
+def overlay_larger_than_the_image() -> Dataset:
+    """4096² × 128 frames would be 268 MB of bits; the data hold only the first frame's rows
+    over the 128² image, striped on its left half."""
+    rows = np.zeros((128, 4096), bool)
+    rows[::2, :64] = True
+    return add_overlay(ct(), 4096, 4096, np.packbits(rows, bitorder="little").tobytes(), 128)
+
+
 def test_overlay_larger_than_the_image_is_clipped_unpacking_only_its_rows():
-    """4096² × 128 frames would be 268 MB of bits: only the image's 128 rows of the first frame
-    are read, so data holding just those are enough."""
+    """Only the image's rows of the first frame are read, so data holding just those suffice."""
+    ds = overlay_larger_than_the_image()
     columns = 4096
-    rows = np.zeros((128, columns), bool)
-    rows[::2, :64] = True  # stripes on the image's left half
-    ds = add_overlay(ct(), 4096, columns, np.packbits(rows, bitorder="little").tobytes(), 128)
     shown = render(ds).pixels
     assert (shown[::2, :64] == 255).all()
     assert np.array_equal(shown[1::2], render(ct()).pixels[1::2])

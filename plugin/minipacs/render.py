@@ -388,6 +388,15 @@ def _row_chunks(stored: np.ndarray):
     return (slice(top, top + step) for top in range(0, len(stored), step))
 
 
+def _lookup(table: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``table[offsets]`` along its first axis, a chunk of rows at a time: np.take copies its
+    indices to int64 first, 8 bytes per sample of the whole frame."""
+    out = np.empty(offsets.shape + table.shape[1:], table.dtype)
+    for rows in _row_chunks(offsets):
+        np.take(table, offsets[rows], axis=0, out=out[rows])
+    return out
+
+
 def _modality_extremes(ds: Dataset, stored: np.ndarray, frame: int) -> tuple[float, float]:
     """The smallest and largest modality value, a chunk at a time: a float64 copy of a whole
     float32 frame at the sample budget would take 1 GB, and each temporary as much again."""
@@ -419,7 +428,7 @@ def _grayscale(ds: Dataset, stored: np.ndarray, frame: int, window_index: int) -
         else:
             vmin, vmax = values.min(), values.max()  # rescale is monotonic
         voi = choose_voi(ds, frame, float(vmin), float(vmax), window_index)
-        pixels = np.take(voi(values, low, high), offsets)
+        pixels = _lookup(voi(values, low, high), offsets)
     else:  # per pixel, in chunks, so that temporaries stay small beside the frame
         vmin, vmax = _modality_extremes(ds, stored, frame)
         voi = choose_voi(ds, frame, vmin, vmax, window_index)
@@ -522,21 +531,35 @@ def palette_to_rgb(ds: Dataset, indices: np.ndarray) -> tuple[np.ndarray, int]:
     return np.stack([lut(indices) for lut in luts], axis=-1), max(lut.bits for lut in luts)
 
 
+def _palette(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    """PALETTE COLOR as 8-bit RGB through a table of the indices present, as for grey: never
+    an int64 RGB copy of the whole frame. A LUT has at most 65536 entries (C.7.6.3.1.5)."""
+    lo, hi = int(stored.min()), int(stored.max())
+    if hi - lo >= MAX_LUT_ENTRIES:
+        raise RenderError(f"PALETTE COLOR indices span {hi - lo + 1} values, more than a palette "
+                          f"LUT's {MAX_LUT_ENTRIES} entries")
+    rgb, bits = palette_to_rgb(ds, np.arange(lo, hi + 1, dtype=np.int64))
+    return _lookup(to_8_bits(rgb, bits), _offsets(stored, lo))
+
+
 def _colour(ds: Dataset, stored: np.ndarray, photometric: str, decoded_rgb: bool) -> np.ndarray:
-    bits = int(ds.get("BitsStored", 8))
+    """8-bit RGB of a colour frame, a chunk of rows at a time (the int64 and float64
+    temporaries of a whole frame at the sample budget would take gigabytes)."""
     if photometric == "PALETTE COLOR":
-        rgb, bits = palette_to_rgb(ds, stored)
-        return to_8_bits(rgb, bits)
+        return _palette(ds, stored)
     if stored.ndim != 3 or stored.shape[-1] != 3:
         raise RenderError(f"{photometric} image decoded to shape {stored.shape}, not 3 samples")
-    samples = stored.astype(np.int64)
-    if int(ds.get("PixelRepresentation", 0)) == 1:
-        samples = samples + (1 << (bits - 1))  # signed colour: shift to unsigned
-    if photometric in ("YBR_FULL", "YBR_FULL_422") and not decoded_rgb:
-        tables = photometric == "YBR_FULL" and bits == 8 and samples.max() < 256
-        samples = ybr_full_to_rgb(samples, bits, tables)
-    # RGB, and YBR_ICT/RCT/PARTIAL that the JPEG decoders already turned into RGB.
-    return to_8_bits(samples, bits)
+    bits = int(ds.get("BitsStored", 8))
+    # Signed colour is shifted to unsigned.
+    shift = 1 << (bits - 1) if int(ds.get("PixelRepresentation", 0)) == 1 else 0
+    ybr = photometric in ("YBR_FULL", "YBR_FULL_422") and not decoded_rgb
+    tables = photometric == "YBR_FULL" and bits == 8 and int(stored.max()) + shift < 256
+    shown = np.empty(stored.shape, np.uint8)
+    for rows in _row_chunks(stored):
+        samples = stored[rows].astype(np.int64) + shift
+        # RGB, and YBR_ICT/RCT/PARTIAL that the JPEG decoders already turned into RGB, as they are.
+        shown[rows] = to_8_bits(ybr_full_to_rgb(samples, bits, tables) if ybr else samples, bits)
+    return shown
 
 
 # Overlays (C.9.2) -----------------------------------------------------------------------------

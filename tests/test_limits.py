@@ -138,6 +138,14 @@ def test_files_in_other_syntaxes_are_not_inflated():
     limits.check_deflated(bytes(128) + b"DICM" + bytes(100))
 
 
+def test_a_corrupt_deflate_stream_is_refused_with_its_reason():
+    data = deflated(ct())
+    meta_end = 144 + struct.unpack("<I", data[140:144])[0]  # after (0002,0000) UL, its length
+    limits.check_deflated(data[:meta_end] + zlib.compress(b"", 9)[2:-4])  # empty: passes
+    with pytest.raises(RenderError, match="deflated data set is corrupt"):
+        limits.check_deflated(data[:meta_end] + b"\xff" * 100)
+
+
 @pytest.mark.parametrize("name", sorted(deflated_cases()))
 def test_deflate_bombs_are_refused_before_pydicom_inflates_them(name):
     _, data, reason = deflated_cases()[name]

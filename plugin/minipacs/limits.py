@@ -48,6 +48,11 @@ class _Stream:
         self.position += len(out)
         return out
 
+    def unread(self, data: bytes) -> None:
+        """Put back what was just read."""
+        self.buffer[:0] = data
+        self.position -= len(data)
+
     def skip(self, n: int) -> None:
         while n > 0 and (self.buffer or self._fill()):
             step = min(n, len(self.buffer))
@@ -58,14 +63,14 @@ class _Stream:
 def top_level(stream: _Stream, wanted: set[int], group: int | None = None) -> dict[int, bytes]:
     """The values of the ``wanted`` top-level elements of an explicit VR little endian data set
     (PS3.5 7.1.2, 7.5), skipping every other value, nested ones included; stops at the end, or
-    before the first element outside ``group`` when one is given.
+    before the first element outside ``group`` when one is given (``stream.position`` then
+    says where it starts).
 
     An undefined length opens a sequence (its items end with a Sequence Delimitation Item) or an
     item (ended by an Item Delimitation Item): only elements outside them are top level."""
     values: dict[int, bytes] = {}
     depth = 0
     while True:
-        start = stream.position
         head = stream.read(8)
         if len(head) < 8:
             return values
@@ -78,7 +83,7 @@ def top_level(stream: _Stream, wanted: set[int], group: int | None = None) -> di
                 depth += 1 if element == 0xE000 else -1
             continue
         if group is not None and depth == 0 and tag_group != group:
-            stream.position = start  # the caller knows where the group ended
+            stream.unread(head)
             return values
         vr = head[4:6]
         length = struct.unpack("<I", stream.read(4))[0] if vr in LONG_VRS else \

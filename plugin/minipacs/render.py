@@ -40,7 +40,7 @@ MAX_LUT_ENTRIES = 1 << 16  # a LUT Descriptor counts at most 65536 entries (C.7.
 # Modality values and windows beyond ±2^53 (where doubles skip integers) come from broken
 # exporters (-2^63 as a window centre, slope 1e308): DCMTK shows them black, we refuse them.
 MAX_MODALITY = float(1 << 53)
-CHUNK_SAMPLES = 1 << 20  # per-pixel float transforms run on this many samples at a time
+CHUNK_SAMPLES = 1 << 20  # per-pixel transforms and lookups run on this many samples at a time
 
 
 #: Decodes frame N of the instance at hand into stored values, like pydicom's pixel_array.
@@ -570,7 +570,7 @@ def overlay_rows(data: bytes, columns: int, first: int, last: int) -> np.ndarray
     first byte (PS3.5 8.1.2, 8.2)."""
     start, stop = first * columns, last * columns
     if len(data) * 8 < stop:
-        raise RenderError(f"its data hold {len(data) * 8} bits, fewer than its {stop} pixels")
+        raise ValueError(f"its data hold {len(data) * 8} bits, fewer than its {stop} pixels")
     packed = np.frombuffer(data, np.uint8, count=-(-stop // 8) - start // 8, offset=start // 8)
     bits = np.unpackbits(packed, bitorder="little")[start % 8:start % 8 + stop - start]
     return bits.view(bool).reshape(last - first, columns)
@@ -599,7 +599,7 @@ def burn_overlays(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
             continue
         try:
             plane = overlay_rows(data, width, top - row, bottom - row)
-        except RenderError as exc:
+        except ValueError as exc:
             raise RenderError(f"cannot read overlay {group:04X}: {exc}") from exc
         pixels = pixels.copy()  # leave the caller's array alone
         pixels[top:bottom, left:right][plane[:, left - col:right - col]] = 255

@@ -115,7 +115,8 @@ class Lookup:
 
 
 def answer(output, response: Response) -> None:
-    """Send a Response through Orthanc's REST output."""
+    """Send a Response through Orthanc's REST output. A 405 has no body: Orthanc (1.10.1) refuses
+    one, SendHttpStatus(405, ...) and SendHttpStatusCode(405) alike, and drops the connection."""
     for name, value in response.headers.items():
         if name != "Allow":
             output.SetHttpHeader(name, value)

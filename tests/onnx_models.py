@@ -10,14 +10,20 @@ from minipacs import preprocess, reasons
 
 
 def brightness_model(path: Path, size: int = 16, threshold: float = 0.5, version: str = "test-brightness",
-                     preprocessing: str = preprocess.PREPROCESSING, metadata: dict | None = None) -> Path:
-    """P(valid) = the mean of the preprocessed image: bright images are 'valid', dark ones not."""
-    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", size, size, 1])
-    p_valid = helper.make_tensor_value_info("p_valid", TensorProto.FLOAT, ["n", 1])
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", ["image"], ["flat"], axis=1),
-         helper.make_node("ReduceMean", ["flat"], ["p_valid"], axes=[1], keepdims=1)],
-        "brightness", [image], [p_valid])
+                     preprocessing: str = preprocess.PREPROCESSING, metadata: dict | None = None,
+                     input_shape: list | None = None, scale: float = 1.0, copies: int = 1) -> Path:
+    """P(valid) = the mean of the preprocessed image: bright images are 'valid', dark ones not.
+
+    For the checks of a reload, it can be made wrong: another ``input_shape`` than (n, size,
+    size, 1), the mean times ``scale``, ``copies`` of it side by side."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, input_shape or ["n", size, size, 1])
+    p_valid = helper.make_tensor_value_info("p_valid", TensorProto.FLOAT, ["n", copies])
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+             helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[1], keepdims=1),
+             helper.make_node("Mul", ["mean", "scale"], ["scaled"]),
+             helper.make_node("Concat", ["scaled"] * copies, ["p_valid"], axis=1)]
+    graph = helper.make_graph(nodes, "brightness", [image], [p_valid],
+                              initializer=[numpy_helper.from_array(np.float32(scale), "scale")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.helper.set_model_props(model, {

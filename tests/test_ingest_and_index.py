@@ -135,6 +135,20 @@ def test_orthanc_is_asked_for_ids_when_its_reading_differs(index, settings):
     assert record.patient["patient_id"] == "1CT1"
 
 
+def test_multi_valued_identifiers_are_joined_as_dicom_encodes_them():
+    """PatientID a\\b was indexed as "['a', 'b']", whose Orthanc IDs Orthanc then had to be
+    asked for; joined by a backslash, as in the file and in Orthanc's tags, they are computed."""
+    ds = pydicom.dcmread(find("CT_small.dcm"), stop_before_pixels=True)
+    ds.PatientID, ds.PatientName = ["a", "b"], ["Doe^J", "Roe^R"]
+    ids = orthanc_ids("a\\b", ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    for source in (ds, {"PatientID": "a\\b", "PatientName": "Doe^J\\Roe^R",
+                        **{k: str(ds[k].value) for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                         "SOPInstanceUID")}}):
+        record = describe(source, ids.instance, OfflineLookup())  # ids() would fail the test
+        assert record.patient["patient_id"] == "a\\b" and record.patient["orthanc_id"] == ids.patient
+        assert record.patient["patient_name"] == "Doe^J\\Roe^R"
+
+
 def test_counts_and_pages_follow_the_hierarchy(index, settings):
     for name in ("CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "rtplan.dcm"):
         run(index, settings, name)

@@ -111,7 +111,7 @@ def test_multiframe_render_is_the_first_frame(orthanc):
 @pytest.mark.parametrize("path, status", [
     ("/minipacs/patients/nobody", 404), ("/minipacs/studies/1.2.3/series", 404),
     ("/minipacs/imageinfo/etc%2Fpasswd", 400), ("/minipacs/images?limit=abc", 400),
-    ("/minipacs/no/such/route", 404),
+    ("/minipacs/no/such/route", 404), ("/minipacs/anomalies?limt=3", 400),
 ])
 def test_http_errors_are_json(orthanc, path, status):
     answer = orthanc.get(path)
@@ -127,8 +127,13 @@ def test_dot_segments_never_reach_the_file_system(orthanc):
 
 
 def test_wrong_method_is_405(orthanc):
+    """With the methods allowed, but no body: Orthanc 1.10.1 refuses one with a 405 (its
+    SendHttpStatus raises ParameterOutOfRange and drops the connection). HEAD and OPTIONS never
+    reach the plugin: Orthanc takes them for WebDAV and answers itself."""
     answer = orthanc.session.post(orthanc.url + "/minipacs/patients/count", data=b"{}")
-    assert answer.status_code == 405
+    assert answer.status_code == 405 and answer.headers["Allow"] == "GET" and answer.content == b""
+    for method in ("HEAD", "OPTIONS"):
+        assert orthanc.session.request(method, orthanc.url + "/minipacs/counts").status_code == 404
 
 
 def test_resending_does_not_duplicate(orthanc):

@@ -98,6 +98,19 @@ def test_swapping_the_model_and_rescoring_without_a_restart(scored):
     assert bad.status_code == 404 and scored.json("/minipacs/model")["Version"] == "strict"
 
 
+def test_a_wrong_model_is_refused_and_an_empty_reload_loads_the_configured_file(scored):
+    before = scored.json("/minipacs/model")["Version"]
+    wrong = brightness_model(scored.work / "nchw.onnx", size=128, input_shape=["n", 3, 128, 128])
+    answer = scored.session.post(scored.url + "/minipacs/model/reload", json={"Path": str(wrong)})
+    assert answer.status_code == 400 and "not float (N, 128, 128, 1)" in answer.json()["error"]
+    assert answer.json()["Model"]["Version"] == scored.json("/minipacs/model")["Version"] == before
+    answer = scored.session.post(scored.url + "/minipacs/model/reload", json={})
+    assert answer.status_code == 200 and answer.json()["Version"] == "bright-0.2"  # ModelPath
+    images = scored.json("/minipacs/images?limit=1000")["items"]
+    assert answer.json()["Stale"] == sum(i["ModelVersion"] not in (None, "bright-0.2") for i in images) > 0
+    assert answer.json()["Unscored"] == 0
+
+
 def test_ui_page_is_served(scored):
     answer = scored.get("/minipacs/ui")
     assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/html")

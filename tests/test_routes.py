@@ -131,6 +131,34 @@ def test_other_methods_are_not_allowed(router):
         assert response.status == 405
 
 
+def test_unknown_query_parameters_are_refused_naming_the_accepted_ones(router):
+    """A typo (?limt=) once returned everything unfiltered."""
+    status, body = get(router, "anomalies", limt=3)
+    assert status == 400 and "'limt'" in body["error"]
+    assert body["Accepted"] == ["limit", "offset", "patient", "study", "series", "modality",
+                                "min_score", "reason"]
+    assert get(router, "patients", status="rendered")[0] == 400  # a filter of images only
+    assert get(router, "images", status="rendered")[0] == 200
+    status, body = get(router, "counts", x="1")
+    assert status == 400 and body["Accepted"] == [] and "accepts none" in body["error"]
+    assert router.handle("POST", "model/reload", {"Path": "m.onnx"}, b"{}").status == 400
+
+
+def test_query_names_and_values_are_percent_decoded_once(router):
+    """Orthanc 1.10.1 hands them over as sent: SYN009%2D00001 must find SYN009-00001."""
+    _, rendered = get(router, "images", status="rendered")
+    assert get(router, "images", status="render%5Ffailed")[0] == 200
+    assert get(router, "images", **{"st%61tus": "rendered"})[1] == rendered
+    patient = rendered["items"][0]["PatientID"]
+    escaped = "".join(f"%{ord(c):02X}" for c in patient)
+    assert get(router, "patients", limit="%31")[1]["limit"] == 1
+    router.index.set_scores([{"orthanc_id": rendered["items"][0]["OrthancID"], "anomaly_score": 0.9,
+                              "flagged": 1, "anomaly_reason": "picture", "model_version": "test",
+                              "threshold": 0.5}])
+    assert get(router, "anomalies", patient=escaped)[1]["total"] == 1
+    assert get(router, "anomalies", patient=f"{patient}%2525")[1]["total"] == 0  # "%25" once
+
+
 def test_pages_keep_the_order_at_every_offset(router):
     for level in ("patients", "studies", "series", "images"):
         _, whole = get(router, level)

@@ -145,6 +145,45 @@ def test_a_model_for_another_preprocessing_is_refused(tmp_path):
         Scorer(tmp_path / "garbage.onnx")
 
 
+# Models made for something else: (builder arguments, reason). Each once replaced a working
+# model with 200 and then failed on every image.
+WRONG_MODELS = {
+    "nchw_3x128": (dict(size=128, input_shape=["n", 3, 128, 128]),
+                   r"input 'image' is tensor\(float\) \(N, 3, 128, 128\), not float \(N, 128, 128, 1\)"),
+    "fixed_64_says_128": (dict(size=128, input_shape=["n", 64, 64, 1]), r"\(N, 64, 64, 1\), not"),
+    "two_value_output": (dict(copies=2), r"output 'p_valid' is tensor\(float\) \(N, 2\), not float \(N, 1\)"),
+    "input_size_0": (dict(metadata={"minipacs.input_size": "0"}), r"input_size 0, outside 16\.\.1024"),
+    "input_size_-5": (dict(metadata={"minipacs.input_size": "-5"}), r"input_size -5, outside"),
+    "input_size_4096": (dict(metadata={"minipacs.input_size": "4096"}), r"input_size 4096, outside"),
+    "threshold_1.5": (dict(threshold=1.5), r"threshold 1\.5, outside \[0, 1\]"),
+    "outputs_above_1": (dict(scale=10.0), r"gave p_valid \[\[0\.0\], \[\d.*not 1 probabilit"),
+    "outputs_nan": (dict(scale=float("inf")), r"gave p_valid \[\[nan\]"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRONG_MODELS))
+def test_a_model_made_for_something_else_is_refused_before_use(tmp_path, model, name):
+    arguments, reason = WRONG_MODELS[name]
+    wrong = brightness_model(tmp_path / f"{name}.onnx", **arguments)
+    with pytest.raises(ModelError, match=reason):
+        Scorer(wrong)
+    slot = ModelSlot(model)
+    slot.load()
+    with pytest.raises(ModelError):
+        slot.load(wrong)
+    assert slot.describe()["Version"] == "test-brightness"
+
+
+def test_a_fixed_batch_model_is_run_a_batch_at_a_time(model):
+    """A model exported with batch 1 (or 4) scores any number of images, as the dynamic one."""
+    images = [gradient(10 * k, 10 * k + 100) for k in range(5)]
+    expected = Scorer(model).predict(images)[0]
+    for batch in (1, 4):
+        fixed = Scorer(brightness_model(model.parent / f"b{batch}.onnx", input_shape=[batch, 16, 16, 1]))
+        assert fixed.batch == batch
+        assert np.allclose(fixed.predict(images)[0], expected)
+
+
 def test_slot_keeps_the_old_model_when_a_reload_fails(model, tmp_path):
     slot = ModelSlot(model)
     slot.try_load()
@@ -229,6 +268,45 @@ def test_rescore_applies_a_new_model_to_every_rendered_image(archive, tmp_path):
     assert all(i["Flagged"] for i in images if i["Status"] == "rendered")
 
 
+def test_a_reload_during_a_rescore_restarts_it_with_the_new_model(archive, tmp_path):
+    """Rows scored by the old model before the reload are scored again: none is left stale."""
+    index, settings, slot, _ = archive
+    newer = brightness_model(tmp_path / "v2.onnx", version="v2")
+    seen = []
+
+    def publish(instance_id, study_id, score):  # called during the rescore: reload then
+        seen.append(score.model_version)
+        if len(seen) == 1:
+            slot.load(newer)
+
+    rescorer = Rescorer(index, settings.png_directory, slot, publish)
+    rescorer.start()
+    rescorer.wait(30)
+    progress = rescorer.progress()
+    assert (progress["State"], progress["Restarts"], progress["ModelVersion"], progress["Done"]) == \
+        ("done", 1, "v2", 3)
+    assert seen[0] == "test-brightness" and seen[-3:] == ["v2"] * 3
+    assert index.unscored_by("v2") == {"Stale": 0, "Unscored": 0}
+
+
+def test_reload_refuses_a_wrong_model_and_the_model_route_counts_stale_rows(archive, tmp_path):
+    index, settings, slot, _ = archive
+    router = Router(index, settings.png_directory, lambda: {}, slot)
+    model = call(router, "GET", "model")[1]
+    assert (model["Version"], model["Stale"], model["Unscored"]) == ("test-brightness", 0, 0)
+    wrong = brightness_model(tmp_path / "nchw.onnx", size=128, input_shape=["n", 3, 128, 128])
+    status, error = call(router, "POST", "model/reload", json.dumps({"Path": str(wrong)}).encode())
+    assert status == 400 and "not float (N, 128, 128, 1)" in error["error"]
+    assert error["Model"]["Version"] == call(router, "GET", "model")[1]["Version"] == "test-brightness"
+    v2 = brightness_model(tmp_path / "v2.onnx", version="v2")
+    status, model = call(router, "POST", "model/reload", json.dumps({"Path": str(v2)}).encode())
+    assert (status, model["Version"], model["Stale"], model["Unscored"]) == (200, "v2", 3, 0)
+    rendered = next(i for i in index.page(idx.IMAGES, 10, 0)[0] if i["Status"] == "rendered")
+    index.set_scores([{"orthanc_id": rendered["OrthancID"], **dict.fromkeys(
+        ("anomaly_score", "flagged", "anomaly_reason", "model_version", "threshold"))}])
+    assert index.unscored_by("v2") == {"Stale": 2, "Unscored": 1}
+
+
 def test_rescore_refuses_to_run_twice_or_without_a_model(archive):
     index, settings, slot, _ = archive
     with pytest.raises(ModelError):
@@ -280,7 +358,8 @@ def test_scoring_routes(archive, tmp_path):
     other = brightness_model(tmp_path / "v3.onnx", version="v3")
     status, model = call(router, "POST", "model/reload", json.dumps({"Path": str(other)}).encode())
     assert status == 200 and model["Version"] == "v3"
-    assert call(router, "POST", "model/reload")[1]["Version"] == "v3"  # reloads the same file
+    # {} loads the configured file, not the last one asked for (README)
+    assert call(router, "POST", "model/reload")[1]["Version"] == "test-brightness"
     named = reason_model(tmp_path / "named.onnx", SLOPES, INTERCEPTS)
     status, model = call(router, "POST", "model/reload", json.dumps({"Path": str(named)}).encode())
     assert status == 200 and model["Reasons"] == list(reasons.REASONS)

@@ -569,6 +569,15 @@ class Index:
             args).fetchone()
         return dict(zip(("images", "rendered", "scored", "flagged", "max_score"), row))
 
+    def unscored_by(self, version: str) -> dict[str, int]:
+        """Images scored by another model version than ``version`` (Stale), and rendered images
+        with no score at all (Unscored): what a rescore would change."""
+        row = self._connection().execute(
+            """SELECT coalesce(sum(model_version <> ?), 0),
+                      coalesce(sum(status = 'rendered' AND model_version IS NULL), 0)
+               FROM images""", (version,)).fetchone()
+        return {"Stale": row[0], "Unscored": row[1]}
+
     def set_scores(self, scores: list[dict[str, Any]]) -> None:
         """Replace the scores of rendered images (``orthanc_id`` + the score columns)."""
         with self._writing() as db:

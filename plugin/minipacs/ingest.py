@@ -25,6 +25,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from . import index as idx
 from .orthanc_ids import OrthancIds, orthanc_ids
@@ -63,10 +64,12 @@ class Settings:
 
 
 def _text(source: Dataset | Tags, keyword: str) -> str | None:
+    """A value as text; several values joined by a backslash, as DICOM encodes them (PS3.5 6.4)
+    and as Orthanc's simplified tags give them."""
     value = source.get(keyword)
     if value is None:
         return None
-    text = str(value).strip()
+    text = ("\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)).strip()
     return text or None
 
 

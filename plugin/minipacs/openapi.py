@@ -17,9 +17,12 @@ def _object(required: list[str], **properties) -> dict:
 
 SCHEMAS = {
     # Errors are ours ({"error", "status"}) or, for paths Orthanc refuses itself (".."), Orthanc's.
-    # An unknown ?reason= also lists the known ones (Reasons).
+    # An unknown ?reason= also lists the known ones (Reasons), an unknown query parameter
+    # those the route accepts (Accepted), a 405 the methods it allows (allowed).
     "Error": {"type": "object", "properties": {"error": _STRING, "status": {"type": "integer"},
-                                               "Reasons": {"type": "array", "items": _STRING}}},
+                                               "Reasons": {"type": "array", "items": _STRING},
+                                               "Accepted": {"type": "array", "items": _STRING},
+                                               "allowed": _STRING}},
     "Count": _object(["count"], count={"type": "integer", "minimum": 0}),
     "Counts": _object(["patients", "studies", "series", "images"],
                       **{k: {"type": "integer", "minimum": 0}
@@ -63,10 +66,12 @@ SCHEMAS = {
     "Model": _object(["Loaded"], Loaded={"type": "boolean"}, Error=_STRING_OR_NULL,
                      Version=_STRING, InputSize={"type": "integer"}, Threshold={"type": "number"},
                      Preprocessing=_STRING, Sha256=_STRING, Path=_STRING, LoadedAt=_STRING,
-                     Reasons={"type": "array", "items": _STRING}),
+                     Reasons={"type": "array", "items": _STRING},
+                     Stale={"type": "integer", "minimum": 0}, Unscored={"type": "integer", "minimum": 0}),
     "Progress": _object(["State"], State={"enum": ["idle", "running", "done", "failed"]},
                         Total={"type": "integer"}, Done={"type": "integer"},
-                        Flagged={"type": "integer"}, Failed={"type": "integer"}),
+                        Flagged={"type": "integer"}, Failed={"type": "integer"},
+                        ModelVersion=_STRING, Restarts={"type": "integer", "minimum": 0}),
     "Ingest": _object(["worker", "statuses"], worker=_object(
         ["queued", "processed", "failed", "dropped", "idle", "deferring", "deferred_s"],
         queued={"type": "integer"}, processed={"type": "integer"}, failed={"type": "integer"},
@@ -132,9 +137,10 @@ def document() -> dict:
                {"name": "reason", "in": "query", "schema": {"enum": list(reasons.FILTERS)},
                 "description": "A reason (minipacs.reasons) or its family: broken_render finds "
                                "every broken_render:<kind>"}]),
-        "/minipacs/model": _operation("The model in use", _ref("Model"), errors=()),
-        "/minipacs/model/reload": _operation("Load the model file again, or another", _ref("Model"),
-                                             method="post", body=True),
+        "/minipacs/model": _operation("The model in use and the images it has not scored",
+                                      _ref("Model"), errors=()),
+        "/minipacs/model/reload": _operation("Load the configured model file again ({}), or another, "
+                                             "once checked", _ref("Model"), method="post", body=True),
         "/minipacs/rescore": {**_operation("Rescoring progress", _ref("Progress")),
                               **_operation("Rescore every rendered image", _ref("Progress"),
                                            method="post", errors=(404, 409))},

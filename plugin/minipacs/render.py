@@ -36,6 +36,11 @@ XRAY_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.12.
 MAX_FRAME_SAMPLES = 1 << 27  # 134 M samples (a 11585² grey frame): memory stays bounded
 MAX_INSTANCE_SAMPLES = 1 << 34  # frames × rows × columns × samples a header may declare
 MAX_TABLE = 1 << 16  # integer images with a wider stored range are transformed per pixel
+MAX_LUT_ENTRIES = 1 << 16  # a LUT Descriptor counts at most 65536 entries (C.7.6.3.1.5, C.11.1.1)
+# Modality values and windows beyond ±2^53 (where doubles skip integers) come from broken
+# exporters (-2^63 as a window centre, slope 1e308): DCMTK shows them black, we refuse them.
+MAX_MODALITY = float(1 << 53)
+CHUNK_SAMPLES = 1 << 20  # per-pixel transforms and lookups run on this many samples at a time
 
 
 #: Decodes frame N of the instance at hand into stored values, like pydicom's pixel_array.
@@ -105,12 +110,14 @@ def read_lut(descriptor, data, little_endian: bool, signed: bool) -> Lut:
 
 def first_value(value, index: int = 0) -> float | None:
     """Value ``index`` of a possibly multi-valued element (C.11.2.1.2 allows several windows);
-    the last one when there are fewer."""
-    if value is None or value == "":
-        return None
+    the last one when there are fewer. None when absent or not a number (``abc``), which
+    DCMTK treats as absent too."""
     if isinstance(value, (MultiValue, list, tuple)):
-        return float(value[min(index, len(value) - 1)]) if len(value) else None
-    return float(value)
+        value = value[min(index, len(value) - 1)] if len(value) else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 # Decoding -----------------------------------------------------------------------------------
@@ -208,12 +215,20 @@ def _functional_group(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
 def rescale(ds: Dataset, frame: int) -> tuple[float, float] | None:
     """Rescale Slope/Intercept (C.11.1.1.2), from the dataset or the frame's functional groups.
 
-    Both must be present and the slope non-zero, as DCMTK requires."""
+    Both must be numbers and the slope non-zero, as DCMTK requires (it ignores them otherwise)."""
     source = ds if "RescaleSlope" in ds else _functional_group(ds, frame, "PixelValueTransformationSequence")
-    if source is None or "RescaleSlope" not in source or "RescaleIntercept" not in source:
+    if source is None:
         return None
-    slope, intercept = float(source.RescaleSlope), float(source.RescaleIntercept)
-    return None if slope == 0 else (slope, intercept)
+    slope, intercept = first_value(source.get("RescaleSlope")), first_value(source.get("RescaleIntercept"))
+    return None if slope is None or intercept is None or slope == 0 else (slope, intercept)
+
+
+def check_modality_range(values: np.ndarray, params: tuple[float, float]) -> None:
+    """Refuse a rescale whose results are not finite or beyond ±2^53 (slope nan, inf, 1e308):
+    DCMTK's integer buffer turns them into an all-black image, which says nothing."""
+    if values.size and not -MAX_MODALITY <= values.min() <= values.max() <= MAX_MODALITY:
+        raise RenderError(f"Rescale Slope {params[0]:g} and Intercept {params[1]:g} give modality "
+                          "values that are not finite or beyond ±2^53")
 
 
 def modality_lut(ds: Dataset, stored: np.ndarray, frame: int) -> tuple[np.ndarray, str | None]:
@@ -232,7 +247,9 @@ def modality_lut(ds: Dataset, stored: np.ndarray, frame: int) -> tuple[np.ndarra
     if params is None or params == (1.0, 0.0):
         return stored, None
     slope, intercept = params
-    values = stored.astype(np.float64) * slope + intercept if slope != 1 else stored + intercept
+    with np.errstate(over="ignore", invalid="ignore"):  # refused just below
+        values = stored.astype(np.float64) * slope + intercept if slope != 1 else stored + intercept
+    check_modality_range(values, params)
     if stored.dtype.kind in "iu":
         values = np.trunc(values).astype(np.int64)
     return values, params
@@ -328,16 +345,23 @@ class Voi:
         return WINDOW_FUNCTIONS[self.function](values, self.center, self.width, low, high)
 
 
+def usable_window(center: float | None, width: float | None) -> bool:
+    """A width below 1 is no window (C.11.2.1.2); neither is one not finite or beyond ±2^53,
+    which would show every value as one grey instead of falling back to min-max."""
+    return (center is not None and width is not None and 1 <= width <= MAX_MODALITY
+            and -MAX_MODALITY <= center <= MAX_MODALITY)
+
+
 def choose_voi(ds: Dataset, frame: int, vmin: float, vmax: float, index: int = 0) -> Voi:
     """The VOI of C.11.2: the window ``index`` (dataset, then the frame's functional groups),
-    else VOI LUT ``index``, else the min-max window. A width below 1 is no window (C.11.2.1.2)."""
+    else VOI LUT ``index``, else the min-max window (see :func:`usable_window`)."""
     for source, item in (("dataset", ds),
                          ("functional_group", _functional_group(ds, frame, "FrameVOILUTSequence"))):
         if item is None:
             continue
         center = first_value(item.get("WindowCenter"), index)
         width = first_value(item.get("WindowWidth"), index)
-        if center is not None and width is not None and width >= 1:
+        if usable_window(center, width):
             function = str(item.get("VOILUTFunction", "LINEAR")).strip() or "LINEAR"
             return Voi(source, center, width, function if function in WINDOW_FUNCTIONS else "LINEAR")
     luts = ds.get("VOILUTSequence")
@@ -358,6 +382,34 @@ def _offsets(stored: np.ndarray, lo: int) -> np.ndarray:
     return np.subtract(stored.view(unsigned), np.array(lo).astype(unsigned))
 
 
+def _row_chunks(stored: np.ndarray):
+    """Slices of rows holding about CHUNK_SAMPLES samples each."""
+    step = max(1, CHUNK_SAMPLES // max(1, stored[0].size))
+    return (slice(top, top + step) for top in range(0, len(stored), step))
+
+
+def _lookup(table: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``table[offsets]`` along its first axis, a chunk of rows at a time: np.take copies its
+    indices to int64 first, 8 bytes per sample of the whole frame."""
+    out = np.empty(offsets.shape + table.shape[1:], table.dtype)
+    for rows in _row_chunks(offsets):
+        np.take(table, offsets[rows], axis=0, out=out[rows])
+    return out
+
+
+def _modality_extremes(ds: Dataset, stored: np.ndarray, frame: int) -> tuple[float, float]:
+    """The smallest and largest modality value, a chunk at a time: a float64 copy of a whole
+    float32 frame at the sample budget would take 1 GB, and each temporary as much again."""
+    vmin, vmax = np.inf, -np.inf
+    for rows in _row_chunks(stored):
+        chunk = stored[rows]
+        if chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
+            raise RenderError("pixel data holds NaN or infinite values")
+        values, _ = modality_lut(ds, chunk, frame)
+        vmin, vmax = min(vmin, values.min()), max(vmax, values.max())
+    return float(vmin), float(vmax)
+
+
 def _grayscale(ds: Dataset, stored: np.ndarray, frame: int, window_index: int) -> tuple[np.ndarray, dict]:
     low, high = (255.0, 0.0) if is_inverted(ds) else (0.0, 255.0)
     if stored.dtype.kind in "iu":
@@ -375,14 +427,15 @@ def _grayscale(ds: Dataset, stored: np.ndarray, frame: int, window_index: int) -
             vmin, vmax = values[used].min(), values[used].max()
         else:
             vmin, vmax = values.min(), values.max()  # rescale is monotonic
-    else:
-        values, params = modality_lut(ds, stored, frame)
-        if not np.isfinite(values).all():
-            raise RenderError("pixel data holds NaN or infinite values")
-        vmin, vmax = values.min(), values.max()
-    voi = choose_voi(ds, frame, float(vmin), float(vmax), window_index)
-    shown = voi(values, low, high)
-    pixels = np.take(shown, offsets) if table else shown
+        voi = choose_voi(ds, frame, float(vmin), float(vmax), window_index)
+        pixels = _lookup(voi(values, low, high), offsets)
+    else:  # per pixel, in chunks, so that temporaries stay small beside the frame
+        vmin, vmax = _modality_extremes(ds, stored, frame)
+        voi = choose_voi(ds, frame, vmin, vmax, window_index)
+        pixels = np.empty(stored.shape, np.uint8)
+        for rows in _row_chunks(stored):
+            values, params = modality_lut(ds, stored[rows], frame)
+            pixels[rows] = voi(values, low, high)
     slope, intercept = params if params else (None, None)
     return pixels, {"rescale_slope": slope, "rescale_intercept": intercept,
                     "window_center": voi.center, "window_width": voi.width,
@@ -423,9 +476,51 @@ def ybr_full_to_rgb(ybr: np.ndarray, bits: int, tables: bool = False) -> np.ndar
     return np.trunc(np.clip(rgb, 0, top)).astype(np.int64)
 
 
+def segmented_lut_entries(data: tuple[int, ...], bits: int, little_endian: bool = True) -> int:
+    """How many entries a Segmented Palette Color LUT (C.7.9.2) expands to, walked as pydicom
+    expands it (its words, or bytes for 8-bit entries) but without expanding: indirect segments
+    repeat earlier ones, so a few KB of them, each doubling the last, grow without end.
+    Refused past MAX_LUT_ENTRIES entries, or segments visited."""
+    def offset(at: int) -> tuple[int, int]:  # an indirect segment's 32-bit offset, and its size
+        if bits > 8:
+            return data[at + 3] << 16 | data[at + 2], 4
+        b = data[at + 2:at + 6]
+        return (int.from_bytes(bytes(b), "little") if little_endian else
+                (b[2] << 8 | b[3]) << 16 | (b[0] << 8 | b[1])), 6
+
+    entries, visited = 0, 0
+    stack = [[0, 0, 0]]  # per (nested) expansion: where it is, segments to read (0: all), read
+    while stack:
+        at, count, read = expansion = stack[-1]
+        if at + 1 >= len(data) or (count and read == count):
+            stack.pop()
+            continue
+        visited += 1
+        kind, length = data[at], data[at + 1]
+        if kind == 2:
+            if at + (3 if bits > 8 else 5) >= len(data):
+                break  # cut short: pydicom says so
+            target, size = offset(at)
+            stack.append([target, length, 0])
+        else:  # discrete (length values) or linear (one); pydicom refuses other kinds
+            entries, size = entries + length, 2 + (length if kind == 0 else 1)
+        expansion[0], expansion[2] = at + size, read + 1
+        if entries > MAX_LUT_ENTRIES or visited > MAX_LUT_ENTRIES:
+            raise RenderError(f"segmented palette LUT expands to more than {MAX_LUT_ENTRIES} "
+                              "entries (C.7.9.2)")
+    return entries
+
+
 def palette_to_rgb(ds: Dataset, indices: np.ndarray) -> tuple[np.ndarray, int]:
     """PALETTE COLOR through its three LUTs (C.7.6.3.1.5, C.7.9); returns RGB and entry bits."""
     if "SegmentedRedPaletteColorLookupTableData" in ds:
+        little, bits = _little_endian(ds), int(ds.RedPaletteColorLookupTableDescriptor[2])
+        dtype = np.dtype(("<" if little else ">") + ("u2" if bits > 8 else "u1"))
+        for colour in ("Red", "Green", "Blue", "Alpha"):
+            data = ds.get(f"Segmented{colour}PaletteColorLookupTableData")
+            if data:
+                words = np.frombuffer(data, dtype, len(data) // dtype.itemsize)
+                segmented_lut_entries(tuple(words.tolist()), bits, little)
         rgb = apply_color_lut(indices, ds)
         return rgb, 8 if rgb.dtype == np.uint8 else 16
     signed = int(ds.get("PixelRepresentation", 0)) == 1
@@ -436,44 +531,78 @@ def palette_to_rgb(ds: Dataset, indices: np.ndarray) -> tuple[np.ndarray, int]:
     return np.stack([lut(indices) for lut in luts], axis=-1), max(lut.bits for lut in luts)
 
 
+def _palette(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    """PALETTE COLOR as 8-bit RGB through a table of the indices present, as for grey: never
+    an int64 RGB copy of the whole frame. A LUT has at most 65536 entries (C.7.6.3.1.5)."""
+    lo, hi = int(stored.min()), int(stored.max())
+    if hi - lo >= MAX_LUT_ENTRIES:
+        raise RenderError(f"PALETTE COLOR indices span {hi - lo + 1} values, more than a palette "
+                          f"LUT's {MAX_LUT_ENTRIES} entries")
+    rgb, bits = palette_to_rgb(ds, np.arange(lo, hi + 1, dtype=np.int64))
+    return _lookup(to_8_bits(rgb, bits), _offsets(stored, lo))
+
+
 def _colour(ds: Dataset, stored: np.ndarray, photometric: str, decoded_rgb: bool) -> np.ndarray:
-    bits = int(ds.get("BitsStored", 8))
+    """8-bit RGB of a colour frame, a chunk of rows at a time (the int64 and float64
+    temporaries of a whole frame at the sample budget would take gigabytes)."""
     if photometric == "PALETTE COLOR":
-        rgb, bits = palette_to_rgb(ds, stored)
-        return to_8_bits(rgb, bits)
+        return _palette(ds, stored)
     if stored.ndim != 3 or stored.shape[-1] != 3:
         raise RenderError(f"{photometric} image decoded to shape {stored.shape}, not 3 samples")
-    samples = stored.astype(np.int64)
-    if int(ds.get("PixelRepresentation", 0)) == 1:
-        samples = samples + (1 << (bits - 1))  # signed colour: shift to unsigned
-    if photometric in ("YBR_FULL", "YBR_FULL_422") and not decoded_rgb:
-        tables = photometric == "YBR_FULL" and bits == 8 and samples.max() < 256
-        samples = ybr_full_to_rgb(samples, bits, tables)
-    # RGB, and YBR_ICT/RCT/PARTIAL that the JPEG decoders already turned into RGB.
-    return to_8_bits(samples, bits)
+    bits = int(ds.get("BitsStored", 8))
+    # Signed colour is shifted to unsigned.
+    shift = 1 << (bits - 1) if int(ds.get("PixelRepresentation", 0)) == 1 else 0
+    ybr = photometric in ("YBR_FULL", "YBR_FULL_422") and not decoded_rgb
+    tables = photometric == "YBR_FULL" and bits == 8 and int(stored.max()) + shift < 256
+    shown = np.empty(stored.shape, np.uint8)
+    for rows in _row_chunks(stored):
+        samples = stored[rows].astype(np.int64) + shift
+        # RGB, and YBR_ICT/RCT/PARTIAL that the JPEG decoders already turned into RGB, as they are.
+        shown[rows] = to_8_bits(ybr_full_to_rgb(samples, bits, tables) if ybr else samples, bits)
+    return shown
 
 
 # Overlays (C.9.2) -----------------------------------------------------------------------------
 
+def overlay_rows(data: bytes, columns: int, first: int, last: int) -> np.ndarray:
+    """Rows ``first``..``last`` - 1 of an overlay's first frame as booleans, unpacking only
+    their bits: Overlay Data packs one bit per pixel, the first pixel in the lowest bit of the
+    first byte (PS3.5 8.1.2, 8.2)."""
+    start, stop = first * columns, last * columns
+    if len(data) * 8 < stop:
+        raise ValueError(f"its data hold {len(data) * 8} bits, fewer than its {stop} pixels")
+    packed = np.frombuffer(data, np.uint8, count=-(-stop // 8) - start // 8, offset=start // 8)
+    bits = np.unpackbits(packed, bitorder="little")[start % 8:start % 8 + stop - start]
+    return bits.view(bool).reshape(last - first, columns)
+
+
 def burn_overlays(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Overlay planes (groups 6000-601E) shown as white at their origin, as DCMTK does."""
+    """Overlay planes (groups 6000-601E, C.9.2) shown as white at their origin, as DCMTK does;
+    the first frame of a multi-frame overlay. Only the part over the image is unpacked, and a
+    plane of more than MAX_FRAME_SAMPLES pixels is refused: its bits would take gigabytes."""
     for group in range(0x6000, 0x6020, 2):
         if (group, 0x3000) not in ds:
             continue
         try:
-            plane = ds.overlay_array(group).astype(bool)
+            height, width = int(ds[group, 0x0010].value), int(ds[group, 0x0011].value)
             row, col = (int(v) - 1 for v in ds[group, 0x0050].value)  # Overlay Origin, 1-based
+            data = ds[group, 0x3000].value
         except Exception as exc:
             raise RenderError(f"cannot read overlay {group:04X}: {exc}") from exc
-        if plane.ndim == 3:
-            plane = plane[0]
-        pixels = pixels.copy()  # leave the caller's array alone
+        if height * width > MAX_FRAME_SAMPLES:
+            raise RenderError(f"overlay {group:04X} of {height}×{width} pixels is more than "
+                              f"minipacs renders ({MAX_FRAME_SAMPLES})")
         h, w = pixels.shape[:2]
         top, left = max(row, 0), max(col, 0)
-        bottom, right = min(row + plane.shape[0], h), min(col + plane.shape[1], w)
-        if bottom > top and right > left:
-            region = plane[top - row:bottom - row, left - col:right - col]
-            pixels[top:bottom, left:right][region] = 255
+        bottom, right = min(row + height, h), min(col + width, w)
+        if bottom <= top or right <= left:
+            continue
+        try:
+            plane = overlay_rows(data, width, top - row, bottom - row)
+        except ValueError as exc:
+            raise RenderError(f"cannot read overlay {group:04X}: {exc}") from exc
+        pixels = pixels.copy()  # leave the caller's array alone
+        pixels[top:bottom, left:right][plane[:, left - col:right - col]] = 255
     return pixels
 
 

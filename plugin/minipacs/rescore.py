@@ -1,7 +1,9 @@
 """Rescoring the archive in the background, after a new model is swapped in.
 
 The PNGs are the rendered pixels exactly (PNG is lossless), so scoring them gives what ingest
-would have given: no DICOM is re-read or re-rendered.
+would have given: no DICOM is re-read or re-rendered. A model reloaded during a rescore restarts
+it with the new model (``Restarts`` in the progress), so that none of its rows is left scored
+by the old one.
 """
 
 import logging
@@ -49,7 +51,7 @@ class Rescorer:
                 raise Busy("a rescore is already running")
             total = self.index.status_counts().get("rendered", 0)
             self._progress = {"State": "running", "Total": total, "Done": 0, "Flagged": 0,
-                              "Failed": 0, "ModelVersion": scorer.info.version,
+                              "Failed": 0, "ModelVersion": scorer.info.version, "Restarts": 0,
                               "StartedAt": _now(), "FinishedAt": None}
             self._thread = threading.Thread(target=self._run, args=(scorer,),
                                             name="minipacs-rescore", daemon=True)
@@ -73,6 +75,12 @@ class Rescorer:
         after = ""
         try:
             while True:
+                current = self.models.scorer
+                if current is not scorer:  # reloaded meanwhile: start again with the new model
+                    scorer, after = current, ""
+                    self._set(ModelVersion=scorer.info.version, Done=0, Flagged=0, Failed=0,
+                              Total=self.index.status_counts().get("rendered", 0))
+                    self._add(Restarts=1)
                 rows = self.index.rendered_images(after, BATCH)
                 if not rows:
                     break

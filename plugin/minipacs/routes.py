@@ -58,7 +58,8 @@ def page_response(items: str, **fields: Any) -> Response:
     return Response(200, f'{{"items": {items}, {rest[1:]}'.encode())
 
 
-OPENAPI = json_response(openapi.document())  # built once: it changes only with the code
+DOCUMENT = openapi.document()  # built once: it changes only with the code
+OPENAPI = json_response(DOCUMENT)
 
 
 def _natural(query: Mapping[str, str], key: str, default: int, maximum: int) -> int:
@@ -132,20 +133,43 @@ class Router:
         # "patients/<backslash>" must not become the list "patients/".
         self.routes = [(re.compile(pattern or "/?"), handler if isinstance(handler, dict)
                         else {"GET": handler}) for pattern, handler in routes]
+        self.parameters = self._described_parameters()
+
+    def _described_parameters(self) -> dict[tuple[int, str], tuple[str, ...]]:
+        """The query parameters of each (route, method), as the OpenAPI description lists them:
+        one list, so that what is accepted is what is described."""
+        accepted = {}
+        for path, operations in DOCUMENT["paths"].items():
+            concrete = re.sub(r"\{[^}]+\}", "x", path.removeprefix("/minipacs/"))
+            route = next(i for i, (pattern, _) in enumerate(self.routes) if pattern.fullmatch(concrete))
+            for method, operation in operations.items():
+                accepted[route, method.upper()] = tuple(
+                    p["name"] for p in operation["parameters"] if p["in"] == "query")
+        return accepted
 
     # Dispatch -------------------------------------------------------------------------------
 
     def handle(self, method: str, path: str, query: Mapping[str, str], body: bytes = b"") -> Response:
-        """Answer one request; never raises (an unexpected error is a logged JSON 500)."""
+        """Answer one request; never raises (an unexpected error is a logged JSON 500).
+
+        ``query`` as Orthanc hands it over: names and values still percent-encoded (RFC 3986
+        2.1), which are decoded here, once."""
         path = path.lstrip("/")
+        query = {urllib.parse.unquote(k): urllib.parse.unquote(v) for k, v in query.items()}
         try:
-            for pattern, handlers in self.routes:
+            for route, (pattern, handlers) in enumerate(self.routes):
                 match = pattern.fullmatch(path)
                 if match:
                     if method not in handlers:
                         allowed = ",".join(handlers)
                         raise HttpError(405, f"{method} is not allowed here; use {allowed}",
                                         allowed=allowed)
+                    accepted = self.parameters.get((route, method), ())
+                    unknown = sorted(set(query) - set(accepted))
+                    if unknown:  # a typo would otherwise filter nothing, silently
+                        raise HttpError(400, f"unknown query parameter {unknown[0]!r}; "
+                                        f"{method} /minipacs/{path} accepts "
+                                        f"{', '.join(accepted) or 'none'}", Accepted=list(accepted))
                     arguments = match.groupdict()
                     if method == "POST":
                         arguments["body"] = body
@@ -210,10 +234,6 @@ class Router:
         """Flagged images, most anomalous first, filtered by patient/study/series/modality and
         minimum score."""
         clauses, args = ["i.flagged = 1"], []
-        if "%" in query.get("reason", ""):
-            # Orthanc hands the plugin "%3A" undecoded (other escapes decoded); a reason holds
-            # no "%", so decoding what is left can only restore its ":".
-            query = {**query, "reason": urllib.parse.unquote(query["reason"])}
         if query.get("reason") and not reasons.known(query["reason"]):
             raise HttpError(400, f"unknown reason {query['reason']!r}; reasons: "
                             f"{', '.join(reasons.FILTERS)}", Reasons=list(reasons.FILTERS))
@@ -252,10 +272,13 @@ class Router:
         return summary
 
     def model(self, query):
-        return self.models.describe()
+        """The model in use, and how many images it has not scored (a rescore's work)."""
+        model = self.models.describe()
+        return {**model, **self.index.unscored_by(model["Version"])} if model["Loaded"] else model
 
     def reload_model(self, query, body):
-        """Load the configured model file again, or ``{"Path": "..."}``, without a restart."""
+        """Load the configured model file again, or ``{"Path": "..."}``, without a restart; a
+        model that fails :class:`Scorer`'s checks is a 400 and the one in use stays."""
         try:
             request = json.loads(body or b"{}")
         except ValueError as exc:
@@ -269,7 +292,7 @@ class Router:
             self.models.load(path)
         except ModelError as exc:
             raise HttpError(400, str(exc), Model=self.models.describe())
-        return self.models.describe()
+        return self.model(query)
 
     def rescore_progress(self, query):
         if self.rescorer is None:

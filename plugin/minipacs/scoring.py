@@ -9,6 +9,10 @@ A model that also outputs ``p_class`` (one probability per class of its ``minipa
 metadata) gives each flag its reason: the likeliest class other than valid. The checks of
 :func:`reasons.by_construction` run first: what they prove is flagged with score 1 whatever the
 network says.
+
+A model is checked before it is put in use (:func:`check_signature`, the metadata ranges and a
+test inference): a reload of a model made for something else answers why, and the model in use
+stays.
 """
 
 import hashlib
@@ -25,6 +29,54 @@ from . import preprocess, reasons
 
 class ModelError(Exception):
     """The model file is missing, unreadable or made for something else; the message says why."""
+
+
+INPUT_SIZES = range(16, 1025)  # the metadata input_size a model may declare
+
+
+def _shape(shape: list) -> str:
+    return "(" + ", ".join("N" if not isinstance(d, int) else str(d) for d in shape) + ")"
+
+
+def _check_output(outputs: dict, name: str, width: int) -> None:
+    """A float output of shape (N, width); a dimension left symbolic is accepted."""
+    output = outputs.get(name)
+    if output is None:
+        raise ModelError(f"has no output {name!r} (it has {', '.join(outputs) or 'none'})")
+    shape = output.shape
+    if output.type != "tensor(float)" or len(shape) != 2 or (
+            isinstance(shape[1], int) and shape[1] != width):
+        raise ModelError(f"output {name!r} is {output.type} {_shape(shape)}, not float (N, {width})")
+
+
+def check_signature(session: onnxruntime.InferenceSession, size: int,
+                    classes: tuple[str, ...] | None) -> int | None:
+    """Refuse a model whose input is not one float (N, size, size, 1) image batch (NHWC, as
+    :func:`preprocess.batch` makes it), or whose outputs are not p_valid (N, 1) and, when it
+    names classes, p_class (N, classes). Returns its fixed batch size, None when dynamic."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(f"has {len(inputs)} inputs, not one image batch")
+    image = inputs[0]
+    shape = image.shape
+    if image.type != "tensor(float)" or len(shape) != 4 or any(
+            isinstance(d, int) and d != e for d, e in zip(shape[1:], (size, size, 1))):
+        raise ModelError(f"input {image.name!r} is {image.type} {_shape(shape)}, not float "
+                         f"(N, {size}, {size}, 1) as its metadata input_size {size} says")
+    outputs = {output.name: output for output in session.get_outputs()}
+    _check_output(outputs, "p_valid", 1)
+    if classes:
+        _check_output(outputs, "p_class", len(classes))
+    batch = shape[0]
+    if isinstance(batch, int) and batch < 1:
+        raise ModelError(f"input {image.name!r} has a batch of {batch}")
+    return batch if isinstance(batch, int) else None
+
+
+def test_images(size: int) -> list[np.ndarray]:
+    """A blank image and one of noise: what a test inference runs on."""
+    return [np.zeros((size, size), np.uint8),
+            np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8)]
 
 
 @dataclass(frozen=True)
@@ -79,7 +131,11 @@ class Scorer:
             model_threshold = float(meta.get(preprocess.METADATA_THRESHOLD, 0.5))
         except (KeyError, ValueError) as exc:
             raise ModelError(f"model {path} lacks a valid {exc} in its metadata") from exc
-        self.input_name = self.session.get_inputs()[0].name
+        if size not in INPUT_SIZES:
+            raise ModelError(f"model {path} declares input_size {size}, outside "
+                             f"{INPUT_SIZES.start}..{INPUT_SIZES.stop - 1}")
+        if not 0.0 <= model_threshold <= 1.0:
+            raise ModelError(f"model {path} declares threshold {model_threshold}, outside [0, 1]")
         self.outputs = ["p_valid"]
         classes = None
         if meta.get(reasons.METADATA_CLASSES):
@@ -88,21 +144,51 @@ class Scorer:
                 raise ModelError(f"model {path} names classes {classes} but has no p_class output "
                                  "with 'valid' first")
             self.outputs.append("p_class")
+        try:
+            self.batch = check_signature(self.session, size, classes)
+        except ModelError as exc:
+            raise ModelError(f"model {path} {exc}") from exc
+        self.input_name = self.session.get_inputs()[0].name
         self.info = ModelInfo(
             path=str(path), version=meta.get(preprocess.METADATA_VERSION, path.stem),
             input_size=size, threshold=model_threshold if threshold is None else threshold,
             preprocessing=preprocess.PREPROCESSING, sha256=hashlib.sha256(data).hexdigest(),
             loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), classes=classes)
+        self._test_inference(path)
+
+    def _test_inference(self, path: Path) -> None:
+        """Run the model once on :func:`test_images`: it must give each a probability, finite
+        and within [0, 1] (p_class too), or it would fail, or mislead, on every image."""
+        try:
+            outputs = self._run(preprocess.batch(test_images(self.info.input_size), self.info.input_size))
+        except Exception as exc:
+            raise ModelError(f"model {path} failed a test inference: {type(exc).__name__}: {exc}") from exc
+        for name, values, width in zip(self.outputs, outputs, (1, len(self.info.classes or ()))):
+            if values.shape != (2, width) or not (np.isfinite(values).all() and
+                                                  ((values >= 0) & (values <= 1)).all()):
+                raise ModelError(f"model {path} gave {name} {values.tolist()} on a blank and a "
+                                 f"noise image: not {width} probabilit(ies) in [0, 1] each")
+
+    def _run(self, inputs: np.ndarray) -> list[np.ndarray]:
+        """The outputs for a batch of model inputs; a model with a fixed batch size runs on
+        slices of that size, the last padded with blank images."""
+        step = self.batch or len(inputs)
+        parts = []
+        for start in range(0, len(inputs), step):
+            chunk = inputs[start:start + step]
+            padded = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            outputs = self.session.run(self.outputs, {self.input_name: padded})
+            parts.append([np.asarray(o, dtype=np.float64)[:len(chunk)] for o in outputs])
+        return [np.concatenate(values) for values in zip(*parts)]
 
     def predict(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
         """P(valid) of each image (8-bit display pixels), and the reason it would be flagged
         for: the likeliest class other than valid."""
-        inputs = preprocess.batch(images, self.info.input_size)
-        outputs = self.session.run(self.outputs, {self.input_name: inputs})
-        p_valid = np.asarray(outputs[0], dtype=np.float64).reshape(len(images))
+        outputs = self._run(preprocess.batch(images, self.info.input_size))
+        p_valid = outputs[0].reshape(len(images))
         if self.info.classes is None:
             return p_valid, [reasons.UNSPECIFIED] * len(images)
-        likeliest = np.argmax(np.asarray(outputs[1])[:, 1:], axis=1) + 1
+        likeliest = np.argmax(outputs[1][:, 1:], axis=1) + 1
         return p_valid, [self.info.classes[k] for k in likeliest]
 
     def scores(self, images: list[np.ndarray]) -> list[Score]:
@@ -122,7 +208,9 @@ class Scorer:
 
 
 class ModelSlot:
-    """The model in use, swapped atomically; a failed reload keeps the previous model."""
+    """The model in use, swapped atomically; a failed reload keeps the previous model.
+    ``path`` is the configured file: what a reload without a path loads, whatever was loaded
+    since."""
 
     def __init__(self, path: Path | None, threshold: float | None = None):
         self.path, self.threshold = path, threshold
@@ -137,7 +225,7 @@ class ModelSlot:
             raise ModelError("no model configured (MiniPacs.ModelPath)")
         scorer = Scorer(path, self.threshold)
         with self._lock:
-            self._scorer, self.path, self.error = scorer, path, None
+            self._scorer, self.error = scorer, None
         return scorer
 
     def try_load(self) -> None:

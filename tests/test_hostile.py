@@ -2,14 +2,17 @@
 their limits, full disks under the PNGs and under the index, deletions during ingest, and an
 instance that never finishes rendering before Orthanc dies (the restart loop)."""
 
+import io
 import subprocess
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.uid import JPEG2000Lossless
 
 from minipacs import synth
-from orthanc_server import OrthancServer
+from orthanc_server import PLUGINS, OrthancServer
 from test_reliability import indexed_ids, same_as_orthanc, wait_until
 from test_sandbox import noise_image
 
@@ -70,6 +73,8 @@ def test_limits_cost_one_instance_and_orthanc_stays_small(tmp_path):
         assert all(indexed[i]["Status"] == "rendered" for i in normal)
         assert server.alive()
         assert rss_kb(server) - before < 512_000, "Orthanc's own memory grew by > 512 MB"
+        worker = server.json("/minipacs/ingest")["worker"]
+        assert worker["renderers"] == 2  # one per worker, the one that failed replaced
     finally:
         server.stop()
 
@@ -144,22 +149,36 @@ def test_deletions_during_ingest_never_resurrect_rows(tmp_path):
         server.stop()
 
 
+def slow_image() -> bytes:
+    """A 4000² JPEG 2000 of noise: seconds to decode, so Orthanc can be killed meanwhile."""
+    ds = pydicom.dcmread(io.BytesIO(noise_image(4000)))
+    ds.compress(JPEG2000Lossless)
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
 def test_an_instance_that_never_finishes_is_given_up_and_its_batch_mates_indexed(tmp_path):
     """Orthanc killed while rendering the same instance three times (a poison instance would do
-    that by killing it): at the next start it is recorded, not queued again."""
-    server = OrthancServer(tmp_path, MiniPacs={"DataDirectory": str(tmp_path / "minipacs"),
-                                               "DeferWhileStoring": 0})
+    that by killing it): at the next start it is recorded, not queued again. Stored beside it
+    while minipacs was off, its batch-mates are rendered alone after the first death."""
+    bare = OrthancServer(tmp_path, Plugins=[str(PLUGINS / "libOrthancDicomWeb.so")])
+    bare.config.pop("PythonScript")
+    bare.start()
+    try:
+        slow = bare.upload(slow_image()).json()["ID"]
+        others = [bare.upload(data).json()["ID"] for data in slices(1, 2, seed=3)]
+    finally:
+        bare.stop()
+    server = OrthancServer(tmp_path, MiniPacs={"DataDirectory": str(tmp_path / "minipacs")})
     server.start()
     try:
-        slow = server.upload(noise_image(8000)).json()["ID"]
-        others = []
         for attempt in range(3):
             wait_until(lambda: not server.json("/minipacs/ingest")["worker"]["idle"], 60, "worker busy")
-            if attempt == 1:  # batch-mates, rendered by the other worker meanwhile
-                others = [server.upload(data).json()["ID"] for data in slices(1, 2, seed=3)]
-                wait_until(lambda: server.json("/minipacs/images/count")["count"] == len(others), 60,
-                           "batch-mates indexed")
-            time.sleep(0.3)
+            if attempt == 1:  # alone now, beside the slow one
+                wait_until(lambda: set(others) <= indexed_ids(server), 60, "batch-mates indexed")
+            else:
+                time.sleep(0.5)
             assert slow not in indexed_ids(server), "rendered before Orthanc was killed: too fast"
             server.process.kill()
             server.process.wait()

@@ -473,9 +473,13 @@ class Index:
         with self._writing() as db:
             db.executemany("DELETE FROM claims WHERE orthanc_id = ?", [(i,) for i in orthanc_ids])
 
-    def claims(self) -> dict[str, int]:
-        """The attempts at each instance claimed and never written."""
-        return dict(self._connection().execute("SELECT orthanc_id, attempts FROM claims"))
+    def claims(self, orthanc_ids: Sequence[str] | None = None) -> dict[str, int]:
+        """The attempts at each instance claimed and never written (of ``orthanc_ids``)."""
+        if orthanc_ids is None:
+            return dict(self._connection().execute("SELECT orthanc_id, attempts FROM claims"))
+        marks = ",".join("?" * len(orthanc_ids))
+        return dict(self._connection().execute(
+            f"SELECT orthanc_id, attempts FROM claims WHERE orthanc_id IN ({marks})", tuple(orthanc_ids)))
 
     # Reading -------------------------------------------------------------------------------
 

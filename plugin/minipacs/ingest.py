@@ -28,6 +28,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 from . import index as idx
+from . import limits
 from .orthanc_ids import OrthancIds, orthanc_ids
 from .render import Decoder, NoPixelData, RenderError, encode_png, render
 from .scoring import ModelSlot, Score, Scorer, score_columns
@@ -209,7 +210,10 @@ _EMPTY_RENDER = dict.fromkeys(("status_detail", "png", "frames", "rendered_frame
 
 
 def read_dataset(data: bytes) -> Dataset:
-    """Parse a stored file; ``force`` because Orthanc keeps files without a preamble as sent."""
+    """Parse a stored file; ``force`` because Orthanc keeps files without a preamble as sent.
+    A deflated file that would inflate past what its pixel data justify is refused first
+    (:class:`RenderError`), as pydicom inflates it whole."""
+    limits.check_deflated(data)
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     if "SOPInstanceUID" not in ds:
         raise InvalidDicomError("no SOP Instance UID where Orthanc found one")
@@ -258,6 +262,11 @@ def render_instance(settings: Settings, instance_id: str, data: bytes,
     png_path = settings.png_directory / f"{instance_id}.png"
     try:
         ds = read_dataset(data)
+    except (RenderError, MemoryError) as exc:  # a bomb: placed by Orthanc's tags, as below
+        png_path.unlink(missing_ok=True)
+        detail = str(exc) if isinstance(exc, RenderError) else f"reading the file: MemoryError: {exc}"
+        return Outcome(instance_id, {**_EMPTY_RENDER, "status": idx.RENDER_FAILED,
+                                     "status_detail": detail}, None)
     except Exception as exc:  # pydicom could not parse what DCMTK accepted
         png_path.unlink(missing_ok=True)  # a re-sent instance that no longer renders
         return Outcome(instance_id, {**_EMPTY_RENDER, "status": idx.UNREADABLE,
@@ -550,12 +559,34 @@ class Pipeline:
                  models: ModelSlot | None, fetch: Callable[[str], bytes],
                  submit: Callable[[str], Any], renderer: Renderer | None = None):
         self.index, self.settings, self.lookup, self.models = index, settings, lookup, models
-        self.fetch, self.renderer = fetch, renderer
+        self.fetch, self.renderer, self.submit = fetch, renderer, submit
         self.deletions = Deletions()
         self.trouble = Trouble()
         self.retries = Retries(submit)
 
     def __call__(self, instance_ids: list[str]) -> None:
+        """Ingest a batch. Instances claimed before (in hand when Orthanc died) are suspects:
+        one is rendered alone, after the others, and the rest go back to the queue, where both
+        workers take them one at a time; so one that kills its process takes nothing with it."""
+        suspects = {}
+        if len(instance_ids) > 1:
+            try:
+                suspects = self.index.claims(instance_ids)
+            except sqlite3.Error as exc:
+                self._failed("writing the index", str(exc), instance_ids)
+                return
+        if not suspects:
+            self._ingest(instance_ids)
+            return
+        others = [i for i in instance_ids if i not in suspects]
+        if others:
+            self._ingest(others)
+        first, *rest = sorted(suspects, key=suspects.get)
+        for instance_id in rest:
+            self.submit(instance_id)
+        self._ingest([first])
+
+    def _ingest(self, instance_ids: list[str]) -> None:
         try:
             self.index.claim(instance_ids)
         except sqlite3.Error as exc:

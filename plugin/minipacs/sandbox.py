@@ -63,7 +63,7 @@ def interpreter() -> str:
 class Child:
     """One sandboxed process and the pipe to it."""
 
-    def __init__(self, memory_mb: int, seconds: int):
+    def __init__(self, memory_mb: int, seconds: float):
         self.memory_mb, self.seconds = memory_mb, seconds
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.process = subprocess.Popen(
@@ -100,7 +100,7 @@ class Child:
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 self.process.kill()
                 self.process.wait()
-                raise SandboxError(f"exceeded the time limit ({self.seconds} s)")
+                raise SandboxError(f"exceeded the time limit ({self.seconds:g} s)")
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 raise SandboxError(self._death())
@@ -113,7 +113,7 @@ class Child:
         if code == OUT_OF_MEMORY:
             return f"exceeded the memory limit ({self.memory_mb} MB)"
         if code == -signal.SIGXCPU:
-            return f"exceeded the CPU time limit ({self.seconds} s)"
+            return f"exceeded the CPU time limit ({self.seconds:g} s)"
         if code < 0:
             name = signal.Signals(-code).name
             return (f"the renderer died ({name}), likely past its memory limit ({self.memory_mb} MB)"
@@ -171,7 +171,7 @@ class Sandbox:
     contract (a :data:`minipacs.ingest.Renderer`), each call in a child of its own."""
 
     def __init__(self, settings: Settings, model: Callable[[], dict | None], memory_mb: int,
-                 seconds: int, recycle_mb: float = RECYCLE_MB):
+                 seconds: float, recycle_mb: float = RECYCLE_MB):
         self.settings, self.model = settings, model
         self.memory_mb, self.seconds, self.recycle_mb = memory_mb, seconds, recycle_mb
         self._idle: queue.SimpleQueue[Child] = queue.SimpleQueue()
@@ -184,10 +184,13 @@ class Sandbox:
         try:
             return self._idle.get_nowait()
         except queue.Empty:
-            child = Child(self.memory_mb, self.seconds)
-            with self._lock:
-                self._children.add(child)
-            return child
+            return self._new_child()
+
+    def _new_child(self) -> Child:
+        child = Child(self.memory_mb, self.seconds)
+        with self._lock:
+            self._children.add(child)
+        return child
 
     def _discard(self, child: Child) -> None:
         with self._lock:
@@ -197,8 +200,8 @@ class Sandbox:
     def start(self, count: int) -> None:
         """Start ``count`` children now (one per worker): the first batches need not wait for
         them, and an interpreter that cannot run them is found at start."""
-        for _ in range(count):
-            self._idle.put(self._child())
+        for _ in range(count - self.ready()):
+            self._idle.put(self._new_child())
 
     def ready(self) -> int:
         """Children alive, rendering or waiting."""
@@ -278,15 +281,15 @@ def _read(stream, size: int) -> bytes:
     return data
 
 
-def _cpu_deadline(seconds: int) -> None:
+def _cpu_deadline(seconds: float) -> None:
     """SIGXCPU (which ends the process) once this item has used ``seconds`` of CPU."""
     used = resource.getrusage(resource.RUSAGE_SELF)
     spent = used.ru_utime + used.ru_stime
     _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(spent) + seconds, hard))
+    resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(spent + seconds), hard))
 
 
-def serve(memory_mb: int, seconds: int) -> None:
+def serve(memory_mb: int, seconds: float) -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not break the protocol
     logging.basicConfig(stream=sys.stderr, format="minipacs sandbox %(process)d: %(message)s")
@@ -341,7 +344,7 @@ def serve(memory_mb: int, seconds: int) -> None:
         send({"scores": scores})
 
 
-def main(memory_mb: int, seconds: int) -> None:
+def main(memory_mb: int, seconds: float) -> None:
     try:
         serve(memory_mb, seconds)
     except MemoryError:  # reading a request (an instance's file and Orthanc's decoding of it)
@@ -349,4 +352,4 @@ def main(memory_mb: int, seconds: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(int(sys.argv[1]), float(sys.argv[2]))

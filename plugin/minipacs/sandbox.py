@@ -13,7 +13,9 @@ hit, and its batch-mates are rendered again by the new child.
 Protocol, over the child's stdin and stdout: a request is a 4-byte length, a JSON header and
 the files (and Orthanc's decodings) back to back; the child answers one JSON line per instance
 as soon as it is rendered, then one line with the batch's scores. Only JSON comes back from a
-child, never pickles: what it says is data, whatever the file made it do.
+child, never pickles, and the instance and file it names are checked. The limits guard against
+exhausted memory or time and crashes; the child runs as Orthanc's user, so they are no barrier
+against a decoder exploit that runs code.
 """
 
 import json
@@ -141,9 +143,9 @@ class Child:
                 if decoded is not None:
                     self.process.stdin.write(np.ascontiguousarray(decoded).tobytes())
             self.process.stdin.flush()
-            for _ in items:
+            for instance_id, _, _ in items:
                 line = self._line(time.monotonic() + self.seconds)
-                finished.append(_outcome(line))
+                finished.append(_outcome(line, instance_id))
                 if line["shown"]:
                     shown.append(finished[-1])
             scores = self._line(time.monotonic() + self.seconds)["scores"]
@@ -159,9 +161,14 @@ class Crash(SandboxError):
         self.finished = finished
 
 
-def _outcome(line: dict[str, Any]) -> Outcome:
+def _outcome(line: dict[str, Any], instance_id: str) -> Outcome:
+    """An answer line, checked for what the parent acts on: the instance and its PNG's name."""
+    png = line["image"].get("png")
+    if line["id"] != instance_id or line["image"].get("orthanc_id") not in (None, instance_id) \
+            or png not in (None, f"{instance_id}.png"):
+        raise SandboxError(f"the renderer answered for another instance or file ({line['id']}, {png})")
     record = line["record"]
-    return Outcome(line["id"], line["image"],
+    return Outcome(instance_id, line["image"],
                    None if record is None else idx.InstanceRecord(**record),
                    line["needs_decoder"], None)
 

@@ -205,10 +205,13 @@ class Sandbox:
         child.close()
 
     def start(self, count: int) -> None:
-        """Start ``count`` children now (one per worker): the first batches need not wait for
-        them, and an interpreter that cannot run them is found at start."""
+        """Start ``count`` children now (one per worker), with the model loaded: the first
+        batches need not wait for them, and an interpreter that cannot run them is found at
+        start."""
         for _ in range(count - self.ready()):
-            self._idle.put(self._new_child())
+            child = self._new_child()
+            child.run(self.settings, self.model(), [])  # loads the model: not on a first batch
+            self._idle.put(child)
 
     def ready(self) -> int:
         """Children alive, rendering or waiting."""

@@ -19,7 +19,7 @@ sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "bench")]
 
 from common import context, write_results  # noqa: E402
 from ingest import ct_slices  # noqa: E402
-from minipacs import ingest, render  # noqa: E402
+from minipacs import ingest, render, worker  # noqa: E402
 from minipacs.config import DEFAULT_MODEL  # noqa: E402
 from minipacs.index import Index  # noqa: E402
 from minipacs.orthanc_ids import orthanc_ids  # noqa: E402
@@ -59,7 +59,7 @@ def stage_ms(files: list[bytes], work: Path) -> dict[str, float]:
             shown.append(pixels)
             record.image["status"] = "rendered"
             records.append(record)
-            if len(shown) == ingest.BATCH or n == len(files) - 1:
+            if len(shown) == worker.BATCH or n == len(files) - 1:
                 scorer = models.scorer
                 inputs = timed("preprocessing", batch, shown, scorer.info.input_size)
                 timed("model (batches of 16)", scorer.session.run, None, {scorer.input_name: inputs})

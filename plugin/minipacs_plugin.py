@@ -20,7 +20,8 @@ import orthanc
 from minipacs import __version__
 from minipacs.config import from_orthanc
 from minipacs.index import WRITE_FAILED, Index
-from minipacs.ingest import Pipeline, Settings, Worker, reconcile, remove, sweep
+from minipacs.ingest import Settings
+from minipacs.reconcile import reconcile, remove, sweep
 from minipacs.orthanc_ids import OrthancIds
 from minipacs.render import image_array
 from minipacs.rescore import Rescorer
@@ -28,6 +29,7 @@ from minipacs.routes import Response, Router, json_response
 from minipacs.sandbox import Sandbox
 from minipacs.scoring import ModelSlot, Score
 from minipacs.static import OhifSite
+from minipacs.worker import Pipeline, Worker
 
 
 class _OrthancLog(logging.Handler):

@@ -14,7 +14,8 @@ from PIL import Image
 
 from corpus import find
 from minipacs import index as idx
-from minipacs.ingest import Settings, Worker, describe, ingest
+from minipacs.ingest import Settings, describe, ingest
+from minipacs.worker import Worker
 from minipacs.orthanc_ids import orthanc_ids
 
 
@@ -237,7 +238,7 @@ def test_full_queue_drops_without_blocking_the_caller():
 
 
 def test_deleting_a_resource_removes_what_is_under_it_and_empty_parents(index, settings):
-    from minipacs.ingest import remove
+    from minipacs.reconcile import remove
 
     images = [run(index, settings, name) for name in ("emri_small.dcm", "CT_small.dcm")]
     ct = index.get(idx.PATIENTS, "1CT1")
@@ -252,7 +253,7 @@ def test_deleting_a_resource_removes_what_is_under_it_and_empty_parents(index, s
 
 
 def test_reconcile_queues_the_missing_and_forgets_the_deleted(index, settings):
-    from minipacs.ingest import reconcile
+    from minipacs.reconcile import reconcile
 
     kept = run(index, settings, "CT_small.dcm")["orthanc_id"]
     gone = run(index, settings, "MR_small.dcm")["orthanc_id"]
@@ -661,7 +662,7 @@ def test_an_index_made_before_reasons_gains_anomaly_reason_in_every_item(tmp_pat
 
 
 def test_sweep_removes_only_old_files_without_a_row(index, settings):
-    from minipacs.ingest import sweep
+    from minipacs.reconcile import sweep
     image = run(index, settings, "CT_small.dcm")
     png = settings.png_directory
     old_orphan, old_part, new_orphan = png / "gone.png", png / "x.png.part", png / "coming.png"
@@ -677,7 +678,8 @@ def test_sweep_removes_only_old_files_without_a_row(index, settings):
 def test_a_deletion_after_the_fetch_keeps_the_row_out(index, settings):
     """The worker fetched the file, then Orthanc deleted its study: the late write is dropped,
     and its PNG with it; a re-sent instance (fetched after the deletion) is written again."""
-    from minipacs.ingest import Deletions, ingest_many, remove
+    from minipacs.ingest import Deletions, ingest_many
+    from minipacs.reconcile import remove
     path = find("CT_small.dcm")
     instance = instance_id_of(path)
     ds = pydicom.dcmread(path, stop_before_pixels=True)

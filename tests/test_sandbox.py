@@ -16,9 +16,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from corpus import find
 from minipacs import index as idx
 from minipacs.config import DEFAULT_MODEL
-from minipacs.ingest import Pipeline, Settings, render_and_score
+from minipacs.ingest import Settings, render_and_score
 from minipacs.sandbox import Sandbox
 from minipacs.scoring import Scorer
+from minipacs.worker import Pipeline
 
 FILES = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "rtplan.dcm", "SC_rgb_rle.dcm",
          "MR_small_jpeg_ls_lossless.dcm"]

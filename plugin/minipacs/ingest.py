@@ -1,19 +1,15 @@
-"""The ingest pipeline: one stored instance → PNG + index rows + status, off Orthanc's store path.
+"""The ingest pipeline: stored instances → PNGs + index rows + statuses, off Orthanc's store path.
 
-Orthanc's change notification of a new instance only queues its ID (an OnStoredInstance
-callback would run in the storing thread, under the GIL); a :class:`Worker` thread fetches the
-file and runs :func:`ingest`, after any burst that Orthanc is storing. Every outcome is recorded
-as a status: the worker never raises into Orthanc.
+:func:`render_and_score` turns files into outcomes without asking Orthanc anything, so that it
+can run in a sandbox (:mod:`minipacs.sandbox`); :func:`ingest_many` does the rest in Orthanc's
+process (its decoder, tags and IDs where the file is not enough, the rows, the score metadata).
+The threads that run it are :mod:`minipacs.worker`'s. Every outcome is recorded as a status.
 """
 
 import collections
-import contextlib
-import heapq
 import io
 import logging
 import os
-import queue
-import sqlite3
 import sys
 import threading
 import time
@@ -34,8 +30,6 @@ from .render import Decoder, NoPixelData, RenderError, encode_png, render
 from .scoring import ModelSlot, Score, Scorer, score_columns
 
 log = logging.getLogger("minipacs")
-WORKER_NICENESS = 10
-BATCH = 16  #: instances a worker thread takes at once from a backlog
 
 #: Tags of an instance as Orthanc's ``/instances/{id}/simplified-tags`` gives them.
 Tags = Mapping[str, Any]
@@ -202,7 +196,7 @@ def os_error(exc: OSError) -> str:
     return f"{type(exc).__name__}: {exc.strerror or exc}"
 
 
-_EMPTY_RENDER = dict.fromkeys(("status_detail", "png", "frames", "rendered_frame", "photometric",
+EMPTY_RENDER = dict.fromkeys(("status_detail", "png", "frames", "rendered_frame", "photometric",
                                "rescale_slope", "rescale_intercept", "window_center",
                                "window_width", "window_source", "voi_function", "inverted",
                                "decoder", "transfer_syntax", "anomaly_score", "flagged",
@@ -265,11 +259,11 @@ def render_instance(settings: Settings, instance_id: str, data: bytes,
     except (RenderError, MemoryError) as exc:  # a bomb: placed by Orthanc's tags, as below
         png_path.unlink(missing_ok=True)
         detail = str(exc) if isinstance(exc, RenderError) else f"reading the file: MemoryError: {exc}"
-        return Outcome(instance_id, {**_EMPTY_RENDER, "status": idx.RENDER_FAILED,
+        return Outcome(instance_id, {**EMPTY_RENDER, "status": idx.RENDER_FAILED,
                                      "status_detail": detail}, None)
     except Exception as exc:  # pydicom could not parse what DCMTK accepted
         png_path.unlink(missing_ok=True)  # a re-sent instance that no longer renders
-        return Outcome(instance_id, {**_EMPTY_RENDER, "status": idx.UNREADABLE,
+        return Outcome(instance_id, {**EMPTY_RENDER, "status": idx.UNREADABLE,
                                      "status_detail": f"pydicom cannot read the file: "
                                                       f"{type(exc).__name__}: {exc}"}, None)
     record = hierarchy(ds, instance_id)
@@ -277,7 +271,7 @@ def render_instance(settings: Settings, instance_id: str, data: bytes,
     rendered, pixels = _render_columns(ds, png_path, settings, fallback)
     if pixels is None or rendered["status"] != idx.RENDERED:
         png_path.unlink(missing_ok=True)
-    image = {**record.image, **_EMPTY_RENDER, "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),
+    image = {**record.image, **EMPTY_RENDER, "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),
              "frames": _int(ds, "NumberOfFrames"), **rendered}
     return Outcome(instance_id, image, record, fallback.asked and pixels is None, pixels)
 
@@ -419,346 +413,3 @@ def ingest(index: idx.Index, settings: Settings, instance_id: str, data: bytes,
            lookup: OrthancLookup, models: ModelSlot | None = None) -> dict[str, Any]:
     """Render, score and index one instance; return its image columns."""
     return ingest_many(index, settings, [(instance_id, data)], lookup, models)[0]
-
-
-def remove(index: idx.Index, png_directory: Path, table: str, orthanc_id: str,
-           deletions: Deletions | None = None) -> int:
-    """Forget a resource Orthanc deleted: its rows, those under it, and their PNGs; and, in
-    ``deletions``, that it was deleted, for the instances being rendered meanwhile."""
-    if deletions is not None:
-        deletions.deleted(orthanc_id)
-    pngs = index.delete(table, orthanc_id)
-    for name in pngs:
-        (png_directory / name).unlink(missing_ok=True)
-    return len(pngs)
-
-
-def give_up(index: idx.Index, instance_id: str, attempts: int, lookup: OrthancLookup) -> None:
-    """Record an instance whose rendering never finished ``attempts`` times (Orthanc stopped or
-    was killed meanwhile): a poison instance must not be queued at every start."""
-    record = describe(lookup.tags(instance_id), instance_id, lookup)
-    image = {**record.image, **_EMPTY_RENDER, "status": idx.RENDER_FAILED,
-             "status_detail": f"given up after {attempts} attempts: its rendering never "
-                              "finished (Orthanc stopped while rendering it)"}
-    index.put_many([idx.InstanceRecord(record.patient, record.study, record.series, image)],
-                   done=[instance_id])
-    log.error("instance %s given up after %d attempts", instance_id, attempts)
-
-
-def reconcile(index: idx.Index, png_directory: Path, in_orthanc: set[str],
-              submit: Callable[[str], Any], lookup: OrthancLookup | None = None,
-              attempts: int = 3) -> tuple[int, int]:
-    """Make the index hold exactly Orthanc's instances: queue the missing ones, forget the
-    deleted ones (stored or deleted while minipacs was not running, or dropped by a full
-    queue). A missing instance claimed ``attempts`` times already is given up (with
-    ``lookup``). Returns (queued, removed)."""
-    indexed = index.orthanc_instance_ids()
-    missing, deleted = sorted(in_orthanc - indexed), sorted(indexed - in_orthanc)
-    claims = index.claims() if lookup is not None else {}
-    queued = 0
-    for instance_id in missing:
-        if claims.get(instance_id, 0) >= attempts:
-            give_up(index, instance_id, claims[instance_id], lookup)
-        else:
-            submit(instance_id)
-            queued += 1
-    for instance_id in deleted:
-        remove(index, png_directory, "images", instance_id)
-    if missing or deleted:
-        log.warning("reconciled with Orthanc: %d instance(s) queued, %d forgotten",
-                    queued, len(deleted))
-    return queued, len(deleted)
-
-
-def sweep(index: idx.Index, png_directory: Path, before: float) -> int:
-    """Remove the files no row refers to, last written before ``before`` (a time): PNGs of rows
-    never written or deleted while minipacs was not running, and temporary files a crash left.
-    Newer files may be a worker's, whose row is on its way. Returns how many were removed."""
-    known = index.png_names()
-    removed = 0
-    with os.scandir(png_directory) as entries:
-        for entry in entries:
-            orphan = entry.name.endswith(".png.part") or (entry.name.endswith(".png")
-                                                           and entry.name not in known)
-            if orphan and entry.stat().st_mtime < before:
-                Path(entry.path).unlink(missing_ok=True)
-                removed += 1
-    if removed:
-        log.warning("removed %d file(s) without an index row from %s", removed, png_directory)
-    return removed
-
-
-class Trouble:
-    """One log line per cause of failure, not one per instance: a full disk fails every
-    instance the same way for as long as it lasts; the line after it says it works again."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._causes: dict[str, str] = {}
-
-    def failed(self, where: str, cause: str) -> None:
-        with self._lock:
-            if self._causes.get(where) == cause:
-                return
-            self._causes[where] = cause
-        log.error("%s: %s (instances are retried; said once per cause)", where, cause)
-
-    def recovered(self, where: str) -> None:
-        with self._lock:
-            if self._causes.pop(where, None) is None:
-                return
-        log.warning("%s works again", where)
-
-
-class Retries:
-    """Instances to submit again later, each after a delay that doubles at each failure
-    (``first`` up to ``longest`` seconds): a full disk is not hammered, and the index catches up
-    once space returns."""
-
-    def __init__(self, submit: Callable[[str], Any], first: float = 2.0, longest: float = 300.0):
-        self._submit, self._first, self._longest = submit, first, longest
-        self._due: list[tuple[float, str]] = []
-        self._failures: dict[str, int] = {}
-        self._wake = threading.Condition()
-        threading.Thread(target=self._run, name="minipacs-retries", daemon=True).start()
-
-    def later(self, instance_ids: Sequence[str]) -> None:
-        with self._wake:
-            for instance_id in instance_ids:
-                n = self._failures.get(instance_id, 0)
-                self._failures[instance_id] = n + 1
-                delay = min(self._first * 2 ** n, self._longest)
-                heapq.heappush(self._due, (time.monotonic() + delay, instance_id))
-            self._wake.notify()
-
-    def succeeded(self, instance_ids: Sequence[str]) -> None:
-        with self._wake:
-            for instance_id in instance_ids:
-                self._failures.pop(instance_id, None)
-
-    def pending(self) -> int:
-        with self._wake:
-            return len(self._due)
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._due or self._due[0][0] > time.monotonic():
-                    self._wake.wait(self._due[0][0] - time.monotonic() if self._due else None)
-                _, instance_id = heapq.heappop(self._due)
-            self._submit(instance_id)
-
-
-class Pipeline:
-    """What an ingest worker does with a batch of instance IDs, in Orthanc's process: claim
-    them, fetch their files, have them rendered (in a sandbox), write the rows, and retry what
-    a full disk refused. Nothing Orthanc stored is lost: an instance whose row or PNG could not
-    be written is retried until it is."""
-
-    def __init__(self, index: idx.Index, settings: Settings, lookup: OrthancLookup,
-                 models: ModelSlot | None, fetch: Callable[[str], bytes],
-                 submit: Callable[[str], Any], renderer: Renderer | None = None):
-        self.index, self.settings, self.lookup, self.models = index, settings, lookup, models
-        self.fetch, self.renderer, self.submit = fetch, renderer, submit
-        self.deletions = Deletions()
-        self.trouble = Trouble()
-        self.retries = Retries(submit)
-
-    def __call__(self, instance_ids: list[str]) -> None:
-        """Ingest a batch. Instances claimed before (in hand when Orthanc died) are suspects:
-        one is rendered alone, after the others, and the rest go back to the queue, where both
-        workers take them one at a time; so one that kills its process takes nothing with it."""
-        suspects = {}
-        if len(instance_ids) > 1:
-            try:
-                suspects = self.index.claims(instance_ids)
-            except sqlite3.Error as exc:
-                self._failed("writing the index", str(exc), instance_ids)
-                return
-        if not suspects:
-            self._ingest(instance_ids)
-            return
-        others = [i for i in instance_ids if i not in suspects]
-        if others:
-            self._ingest(others)
-        first, *rest = sorted(suspects, key=suspects.get)
-        for instance_id in rest:
-            self.submit(instance_id)
-        self._ingest([first])
-
-    def _ingest(self, instance_ids: list[str]) -> None:
-        try:
-            self.index.claim(instance_ids)
-        except sqlite3.Error as exc:
-            self._failed("writing the index", str(exc), instance_ids)
-            return
-        number = self.deletions.fetching()
-        try:
-            items, gone = [], []
-            for instance_id in instance_ids:
-                try:
-                    items.append((instance_id, self.fetch(instance_id)))
-                except Exception:  # deleted from Orthanc since it was queued
-                    gone.append(instance_id)
-            if gone:
-                self.index.release(gone)
-            try:
-                images = ingest_many(self.index, self.settings, items, self.lookup, self.models,
-                                     self.renderer, self.deletions, number)
-            except sqlite3.Error as exc:
-                self._failed("writing the index", str(exc), [i for i, _ in items])
-                return
-            except Stopping:
-                return
-        finally:
-            self.deletions.done(number)
-        self.trouble.recovered("writing the index")
-        unwritten = [image for image in images if image["status"] == idx.WRITE_FAILED]
-        if unwritten:
-            self._failed(f"writing PNGs in {self.settings.png_directory}",
-                         unwritten[0]["status_detail"], [image["orthanc_id"] for image in unwritten])
-        else:
-            self.trouble.recovered(f"writing PNGs in {self.settings.png_directory}")
-        self.retries.succeeded([image["orthanc_id"] for image in images
-                                if image["status"] != idx.WRITE_FAILED])
-
-    def _failed(self, where: str, cause: str, instance_ids: list[str]) -> None:
-        self.trouble.failed(where, cause)
-        self.retries.later(instance_ids)
-
-
-class Worker:
-    """Threads that run ``handle(instance_ids)`` on what is queued, counting outcomes.
-
-    A thread takes up to ``batch`` IDs at once when they are waiting, so that a backlog is
-    scored in batches; alone, an instance is handled at once. Decoding, deflate, SQLite and ONNX
-    Runtime release the GIL, pydicom and the glue do not: two threads keep about 1.5 cores busy
-    inside Orthanc (bench/ingest.py), a third adds nothing."""
-
-    def __init__(self, handle: Callable[[list[str]], Any], queue_size: int, threads: int = 1,
-                 batch: int = BATCH, defer: float = 0.0, burst: int = 3, burst_window: float = 0.03):
-        self._handle = handle
-        self._batch = batch
-        self._queue: queue.Queue[str | None] = queue.Queue(queue_size)
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._counts = {"processed": 0, "failed": 0, "dropped": 0, "deferred_s": 0.0}
-        self._threads = [threading.Thread(target=self._run, name=f"minipacs-ingest-{n}", daemon=True)
-                         for n in range(threads)]
-        # Storing first: while Orthanc stores a burst (``burst`` instances within
-        # ``burst_window`` seconds), the threads wait, for at most ``defer`` seconds; past that
-        # they catch up with the whole queue before waiting again.
-        self._defer, self._burst_window = defer, burst_window
-        self._arrivals: collections.deque[float] = collections.deque(maxlen=burst)
-        self._catching_up = False
-
-    def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, instance_id: str) -> bool:
-        """Queue an instance without ever blocking the caller (Orthanc's change thread)."""
-        try:
-            self._queue.put_nowait(instance_id)
-            return True
-        except queue.Full:
-            self._count("dropped")
-            log.error("ingest queue full: instance %s is left for the next reconciliation",
-                      instance_id)
-            return False
-
-    def stored(self, instance_id: str) -> bool:
-        """Orthanc has just stored this instance: queue it, and note the arrival, so that the
-        threads leave the CPU to Orthanc while a burst of instances is being stored."""
-        self._arrivals.append(time.monotonic())
-        return self.submit(instance_id)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish the instances in hand, then stop; what is still queued waits for reconciliation."""
-        self._stop.set()
-        for _ in self._threads:
-            try:
-                self._queue.put_nowait(None)  # wakes a thread waiting on an empty queue
-            except queue.Full:
-                break
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def stats(self) -> dict[str, Any]:
-        with self._lock:
-            counts = dict(self._counts)
-        # unfinished_tasks counts the instances in hand too, so "idle" means all caught up.
-        pending = self._queue.unfinished_tasks
-        return {**counts, "queued": pending, "idle": pending == 0,
-                "deferring": bool(self._defer and self._storing_burst()) and not self._catching_up}
-
-    def _count(self, key: str, n: float = 1) -> None:
-        with self._lock:
-            self._counts[key] += n
-
-    def _take(self) -> list[str | None]:
-        """The next ID, waiting for it, and up to ``batch - 1`` more that are already queued."""
-        taken = [self._queue.get()]
-        self._wait_for_storing()
-        while len(taken) < self._batch and taken[-1] is not None:
-            try:
-                taken.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return taken
-
-    def _storing_burst(self) -> float:
-        """Seconds until the current storing burst can end (0 when there is none)."""
-        arrivals = self._arrivals
-        if len(arrivals) < (arrivals.maxlen or 0):
-            return 0.0
-        left = arrivals[0] + self._burst_window - time.monotonic()
-        return max(0.0, left)
-
-    def _wait_for_storing(self) -> None:
-        """Leave the CPU to Orthanc while it stores a burst, for at most ``defer`` seconds.
-
-        Measured (bench/ingest.py): any CPU work beside a burst of uploads, even another
-        process's at the lowest priority, slows storing by 15-30 % on a 2-core machine, while
-        rendering after the burst costs the same CPU. Past ``defer`` the threads catch up with
-        the whole queue, so the index never lags a long burst by more than about that."""
-        if not self._defer or self._catching_up or not self._storing_burst():
-            return
-        start = time.monotonic()
-        while (left := self._storing_burst()) and not self._stop.is_set():
-            waited = time.monotonic() - start
-            if waited >= self._defer:
-                self._catching_up = True
-                break
-            time.sleep(min(left, self._defer - waited) + 0.001)
-        self._count("deferred_s", time.monotonic() - start)
-
-    def _run(self) -> None:
-        # Orthanc's own threads (storing, answering) come first: the worker takes the CPU they
-        # leave (Linux gives each thread its own nice value).
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
-        while not self._stop.is_set():
-            taken = self._take()
-            try:
-                self._process([i for i in taken if i is not None])
-            finally:
-                for _ in taken:
-                    self._queue.task_done()
-                if self._queue.unfinished_tasks == 0:
-                    self._catching_up = False
-
-    def _process(self, instance_ids: list[str]) -> None:
-        if not instance_ids:
-            return
-        try:
-            self._handle(instance_ids)
-            self._count("processed", len(instance_ids))
-        except Exception:
-            if len(instance_ids) > 1:  # one bad instance must not cost the others: one by one
-                for instance_id in instance_ids:
-                    self._process([instance_id])
-                return
-            self._count("failed")
-            log.exception("ingest of instance %s failed", instance_ids[0])

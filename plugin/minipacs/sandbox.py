@@ -38,9 +38,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import index as idx
-from .ingest import (_EMPTY_RENDER, WORKER_NICENESS, Outcome, Settings, Stopping, add_scores,
+from .ingest import (EMPTY_RENDER, Outcome, Settings, Stopping, add_scores,
                      render_and_score, score_images)
 from .scoring import Scorer, score_columns
+from .worker import WORKER_NICENESS
 
 log = logging.getLogger("minipacs")
 STARTUP_SECONDS = 120  # imports on a busy 2-core machine
@@ -262,7 +263,7 @@ class Sandbox:
 
 def died(instance_id: str, why: str) -> Outcome:
     """The outcome of an instance that took its renderer down: placed by Orthanc's tags."""
-    return Outcome(instance_id, {**_EMPTY_RENDER, "status": idx.RENDER_FAILED,
+    return Outcome(instance_id, {**EMPTY_RENDER, "status": idx.RENDER_FAILED,
                                  "status_detail": f"refused: {why}"}, None)
 
 

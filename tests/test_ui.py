@@ -57,6 +57,7 @@ def test_ui_lists_the_flagged_images_and_opens_them_in_ohif(demo_server):
         page.wait_for_function("""() => [...document.querySelectorAll('img.thumb')]
                                   .every(img => img.complete && img.naturalWidth > 0)""")
         page.screenshot(path=str(out / "ui.png"), full_page=True)
+        assert page.locator("#pager").is_hidden() == (len(expected) <= 25)
         rows = page.locator("tr.anomaly")
         assert rows.count() == len(expected)
         shown = [float(s) for s in page.locator("tr.anomaly td.score").all_inner_texts()]
@@ -83,3 +84,51 @@ def test_ui_lists_the_flagged_images_and_opens_them_in_ohif(demo_server):
         canvas.screenshot(path=str(out / "viewport.png"))
     pixels = np.asarray(Image.open(out / "viewport.png").convert("L"), dtype=np.float64)
     assert pixels.std() > 10 and len(np.unique(pixels)) > 32
+
+
+def test_ui_shows_peoples_words_filters_pages_and_previews(demo_server):
+    """Descriptions and dates instead of UIDs; patient and modality filters as the route
+    filters; pages of #limit=N rows; a click on a thumbnail shows the image large."""
+    out = ARTIFACTS / "ui"
+    out.mkdir(parents=True, exist_ok=True)
+    expected = demo_server.json("/minipacs/anomalies?limit=200")["items"]
+    assert len(expected) >= 3
+    with chromium_page() as page:
+        page.goto(f"{demo_server.url}/minipacs/ui#limit=2")
+        page.wait_for_selector('#anomalies[data-shown="|||0"]', state="attached")
+        for row, image in zip(page.locator("tr.anomaly").all(), expected[:2]):
+            study = demo_server.json(f"/minipacs/studies/{image['StudyInstanceUID']}")
+            series = demo_server.json(f"/minipacs/series/{image['SeriesInstanceUID']}")
+            assert study["StudyDescription"] and series["SeriesDescription"]
+            assert study["StudyDescription"] in row.locator("td.study").inner_text()
+            day = study["StudyDate"]
+            assert f"{day[:4]}-{day[4:6]}-{day[6:]}" in row.locator("td.study").inner_text()
+            assert series["SeriesDescription"] in row.locator("td.series").inner_text()
+            assert image["StudyInstanceUID"] not in row.inner_text()
+        assert page.locator("#range").inner_text() == f"1–2 of {len(expected)}"
+        page.click("#next")
+        page.wait_for_selector('#anomalies[data-shown="|||2"]', state="attached")
+        assert page.locator("tr.anomaly td.score").all_inner_texts() == [
+            f"{i['AnomalyScore']:.3f}" for i in expected[2:4]]
+        assert page.locator("#next").is_disabled() == (len(expected) <= 4)
+        for field, key, value in (("patient", "PatientID", expected[0]["PatientID"]),
+                                  ("modality", "Modality", expected[-1]["Modality"])):
+            page.fill(f"#{field}", value)
+            page.click("#filters button[type=submit]")
+            shown = f'|{value}||0' if field == "patient" else f'|{expected[0]["PatientID"]}|{value}|0'
+            page.wait_for_selector(f'#anomalies[data-shown="{shown}"]', state="attached")
+            query = f"patient={expected[0]['PatientID']}" + (f"&modality={value}" if field == "modality" else "")
+            wanted = demo_server.json(f"/minipacs/anomalies?limit=2&{query}")["items"]
+            assert page.locator("tr.anomaly td.patient").all_inner_texts() == [i["PatientID"] for i in wanted]
+        page.fill("#patient", "")
+        page.fill("#modality", "")
+        page.click("#filters button[type=submit]")
+        page.wait_for_selector('#anomalies[data-shown="|||0"]', state="attached")
+        page.locator("tr.anomaly img.thumb").first.click()
+        preview = page.locator("#preview")
+        preview.wait_for(state="visible")
+        page.wait_for_function("() => document.querySelector('#preview img').naturalWidth > 0")
+        assert expected[0]["AnomalyReason"] in page.locator("#caption").inner_text()
+        page.screenshot(path=str(out / "ui-preview.png"))
+        page.keyboard.press("Escape")
+        preview.wait_for(state="hidden")

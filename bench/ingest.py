@@ -16,8 +16,8 @@ without the noise of the rates. With the CPU that bare Orthanc's upload costs (O
 the clients'), the catching up gives the best end-to-end ratio the machine allows, were every
 core busy from the first upload to the last verdict.
 ``--breakdown`` adds, to every round, minipacs in the configurations that leave out part of its
-work (the score metadata, when ``UserMetadata`` does not declare it; scoring and so the
-metadata too, with no model; the sandbox, rendering in Orthanc's process): what each costs
+work (publishing flags into Orthanc, ``PublishToOrthanc`` none; scoring and so publishing too,
+with no model; the sandbox, rendering in Orthanc's process): what each costs
 inside Orthanc (its renderer processes included), and the end-to-end ratio left.
 Targets: upload ratio ≥ 0.9, end-to-end ratio ≥ 0.6.
 """
@@ -92,7 +92,7 @@ def wait_until_renderers(server: OrthancServer, count: int, timeout: float = 120
 
 
 #: Configurations that leave out part of minipacs's work, each a supported one (see README).
-WITHOUT = {"score_metadata": lambda config: config.pop("UserMetadata"),
+WITHOUT = {"publishing": lambda config: config["MiniPacs"].update(PublishToOrthanc="none"),
            "model": lambda config: config["MiniPacs"].update(ModelPath=""),
            "sandbox": lambda config: config["MiniPacs"].update(Sandbox=False)}
 

@@ -63,7 +63,7 @@ def ingest_rows(r: dict) -> list[Row]:
             *[(f"ingest without {part.replace('_', ' ')}: CPU per instance after the upload, "
                "end-to-end ratio", f"{r[f'without_{part}_cpu_ms_per_instance_after_upload']:.2f} ms, "
                f"{r[f'without_{part}_end_to_end_ratio']:.2f}", "—", None)
-              for part in ("score_metadata", "model") if f"without_{part}_end_to_end_ratio" in r]]
+              for part in ("publishing", "model", "sandbox") if f"without_{part}_end_to_end_ratio" in r]]
 
 
 def stages_rows(r: dict) -> list[Row]:

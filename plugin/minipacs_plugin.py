@@ -60,9 +60,8 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
 logging.getLogger("pydicom").addHandler(_OrthancLog(quiet=True))
 logging.getLogger("pydicom").propagate = False
 
-# Scores are also kept in Orthanc: as instance metadata (declared in "UserMetadata"), and as a
-# label on studies with a flagged image where Orthanc has labels (1.12 and later). A flagged
-# image also gets its reason (minipacs.reasons), where that metadata is declared too.
+# Scores Orthanc itself shows (MiniPacs.PublishToOrthanc, see Lookup): instance metadata declared
+# in "UserMetadata", and a label on studies with a flagged image (Orthanc 1.12 and later).
 SCORE_METADATA, FLAG_METADATA, FLAG_LABEL = "MiniPacsAnomalyScore", "MiniPacsFlagged", "minipacs-flagged"
 REASON_METADATA = "MiniPacsAnomalyReason"
 PIXEL_FORMATS = {value: name for name, value in vars(orthanc.PixelFormat).items()
@@ -84,10 +83,18 @@ def orthanc_version() -> tuple[str, bool]:
 
 
 class Lookup:
-    """Orthanc, asked from the worker threads only (never from a store callback)."""
+    """Orthanc, asked from the worker threads only (never from a store callback).
 
-    def __init__(self, metadata: bool, reason_metadata: bool = False):
-        self.metadata, self.reason_metadata = metadata, reason_metadata
+    ``publish`` is what scores Orthanc itself shows (``MiniPacs.PublishToOrthanc``): ``all``
+    writes every image's score and flag as instance metadata (two change-log entries per
+    instance); ``flagged`` only a flagged image's reason, one write, so Orthanc's API and change
+    log stay as they are for normal images; ``none`` nothing. Metadata must be declared in
+    ``UserMetadata``; labels (Orthanc >= 1.12) mark studies with a flagged image in both modes."""
+
+    def __init__(self, publish: str, declared: set[str]):
+        self.mode = publish
+        self.scores = publish == "all" and {SCORE_METADATA, FLAG_METADATA} <= declared
+        self.reasons = publish != "none" and REASON_METADATA in declared
 
     def tags(self, instance_id: str) -> dict:
         return rest_get(f"/instances/{instance_id}/simplified-tags")
@@ -102,17 +109,17 @@ class Lookup:
         return image_array(image.GetImageBuffer(), image.GetImageWidth(), image.GetImageHeight(),
                            image.GetImagePitch(), PIXEL_FORMATS[image.GetImagePixelFormat()])
 
-    def publish(self, instance_id: str, study_id: str, score: Score) -> None:
-        if self.metadata:
+    def publish(self, instance_id: str, study_id: str, score: Score, was_flagged: bool) -> None:
+        if self.scores:
             orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{SCORE_METADATA}",
                                f"{score.anomaly_score:.6f}")
             orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{FLAG_METADATA}",
                                "1" if score.flagged else "0")
-        if self.reason_metadata and score.flagged and score.reason:
-            # Only flagged images: the others cost no third write. A reason left by an earlier
-            # flag stays beside MiniPacsFlagged = 0, which says it no longer holds.
+        if self.reasons and score.flagged and score.reason:
             orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{REASON_METADATA}", score.reason)
-        if score.flagged and orthanc_version()[1]:
+        elif self.reasons and was_flagged:  # a rescore cleared the flag: so does Orthanc's copy
+            orthanc.RestApiDelete(f"/instances/{instance_id}/metadata/{REASON_METADATA}")
+        if self.mode != "none" and score.flagged and orthanc_version()[1]:
             orthanc.RestApiPut(f"/studies/{study_id}/labels/{FLAG_LABEL}", "")
 
 
@@ -142,15 +149,12 @@ class MiniPacs:
         self.index = Index(config.database)
         self.settings = Settings(config.png_directory, config.png_compress_level, config.window_index)
         declared = set(configuration.get("UserMetadata", {}))
-        metadata = {SCORE_METADATA, FLAG_METADATA} <= declared
-        if not metadata:
-            log.warning("declare %s and %s in UserMetadata to see scores in Orthanc",
-                        SCORE_METADATA, FLAG_METADATA)
-        reason_metadata = REASON_METADATA in declared
-        if metadata and not reason_metadata:
-            log.warning("declare %s in UserMetadata to see why images are flagged in Orthanc",
-                        REASON_METADATA)
-        self.lookup = Lookup(metadata, reason_metadata)
+        wanted = {"all": {SCORE_METADATA, FLAG_METADATA, REASON_METADATA},
+                  "flagged": {REASON_METADATA}, "none": set()}[config.publish]
+        if wanted - declared:
+            log.warning("PublishToOrthanc is %r: declare %s in UserMetadata to see scores in "
+                        "Orthanc", config.publish, ", ".join(sorted(wanted - declared)))
+        self.lookup = Lookup(config.publish, declared)
         self.models = ModelSlot(config.model_path, config.anomaly_threshold)
         self.models.try_load()
         if self.models.error:
@@ -166,7 +170,9 @@ class MiniPacs:
         rescorer = Rescorer(self.index, config.png_directory, self.models, self.lookup.publish)
         self.router = Router(self.index, config.png_directory, self.ingest_stats, self.models,
                              rescorer, lambda: {"version": orthanc_version()[0],
-                                                "labels": orthanc_version()[1], "metadata": metadata})
+                                                "labels": orthanc_version()[1],
+                                                "metadata": self.lookup.scores or self.lookup.reasons,
+                                                "publish": config.publish})
         self.ohif = OhifSite(config.ohif_directory,
                              configuration.get("DicomWeb", {}).get("Root", "/dicom-web/"))
 

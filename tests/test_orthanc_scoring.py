@@ -14,7 +14,7 @@ def scored(tmp_path_factory):
     work = tmp_path_factory.mktemp("scored")
     model = brightness_model(work / "bright.onnx", size=16, threshold=0.2, version="bright-0.2")
     server = OrthancServer(work / "orthanc")
-    server.config["MiniPacs"]["ModelPath"] = str(model)
+    server.config["MiniPacs"].update(ModelPath=str(model), PublishToOrthanc="all")
     server.start()
     try:
         for ds in synth.generate(1, seed=3, size=128, slices=6, anomalies=1.0):
@@ -115,3 +115,52 @@ def test_ui_page_is_served(scored):
     answer = scored.get("/minipacs/ui")
     assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/html")
     assert "./anomalies" in answer.text and "../ohif/viewer?StudyInstanceUIDs=" in answer.text
+
+
+def changes(server) -> list[dict]:
+    found, since = [], 0
+    while True:
+        page = server.json(f"/changes?since={since}&limit=1000")
+        found += page["Changes"]
+        since = page["Last"]
+        if page["Done"]:
+            return found
+
+
+def test_by_default_orthanc_shows_only_the_flags(tmp_path):
+    """PublishToOrthanc "flagged" (the default): normal images keep Orthanc's own metadata and
+    change log; a flagged image gets one write (its reason); a rescore that clears a flag
+    deletes it."""
+    model = brightness_model(tmp_path / "bright.onnx", size=16, threshold=0.2, version="bright-0.2")
+    server = OrthancServer(tmp_path / "orthanc")
+    server.config["MiniPacs"]["ModelPath"] = str(model)
+    server.start()
+    try:
+        for ds in synth.generate(1, seed=3, size=128, slices=6, anomalies=1.0):
+            assert server.upload(synth.encode(ds)).status_code == 200
+        server.wait_for_ingest()
+        images = server.json("/minipacs/images?limit=1000")["items"]
+        flagged = [i for i in images if i["Flagged"]]
+        assert flagged and len(flagged) < len(images)
+        for image in images:
+            names = set(server.json(f"/instances/{image['OrthancID']}/metadata"))
+            ours = {name for name in names if name.startswith("MiniPacs")}
+            assert ours == ({"MiniPacsAnomalyReason"} if image["Flagged"] else set()), image
+        kinds = [c["ChangeType"] for c in changes(server)]
+        assert kinds.count("UpdatedMetadata") == len(flagged), "one change per flagged image only"
+        lenient = brightness_model(tmp_path / "lenient.onnx", size=16, threshold=0.0, version="lenient")
+        assert server.session.post(server.url + "/minipacs/model/reload",
+                                   json={"Path": str(lenient)}).status_code == 200
+        assert server.session.post(server.url + "/minipacs/rescore").status_code == 200
+        deadline = time.monotonic() + 60
+        while (progress := server.json("/minipacs/rescore"))["State"] == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert progress["State"] == "done" and progress["Failed"] == 0
+        still = [i for i in server.json("/minipacs/images?limit=1000")["items"] if i["Flagged"]]
+        cleared = [i for i in flagged if i["SOPInstanceUID"] not in {s["SOPInstanceUID"] for s in still}]
+        assert cleared, "the lenient model clears some flags"
+        for image in cleared:
+            assert "MiniPacsAnomalyReason" not in server.json(f"/instances/{image['OrthancID']}/metadata")
+    finally:
+        server.stop()

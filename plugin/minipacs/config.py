@@ -33,6 +33,7 @@ class Config:
     renderer_memory_mb: int
     renderer_seconds: int
     attempts: int
+    publish: str
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -53,7 +54,9 @@ _DEFAULTS: dict[str, Any] = {
     "RendererMemoryLimit": 2048,  # MB of address space a renderer may add to what it maps at start
     "RendererTimeLimit": 60,  # seconds (wall and CPU) a renderer may spend on one instance
     "MaxAttempts": 3,  # renderings that never finished before an instance is given up
+    "PublishToOrthanc": "flagged",  # which scores become Orthanc metadata: none, flagged, all
 }
+PUBLISH_MODES = ("none", "flagged", "all")
 
 
 def _typed(options: Mapping[str, Any], key: str, kind: type) -> Any:
@@ -116,6 +119,10 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
     attempts = _typed(options, "MaxAttempts", int)
     if not 1 <= attempts <= 100:
         raise ConfigError(f"{SECTION}.MaxAttempts must be within 1..100, not {attempts}")
+    publish = _typed(options, "PublishToOrthanc", str)
+    if publish not in PUBLISH_MODES:
+        raise ConfigError(f"{SECTION}.PublishToOrthanc must be one of {', '.join(PUBLISH_MODES)}, "
+                          f"not {publish!r}")
     queue_size = _typed(options, "QueueSize", int)
     if queue_size < 1:
         raise ConfigError(f"{SECTION}.QueueSize must be at least 1, not {queue_size}")
@@ -137,4 +144,5 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
         renderer_memory_mb=memory,
         renderer_seconds=seconds,
         attempts=attempts,
+        publish=publish,
     )

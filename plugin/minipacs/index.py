@@ -592,11 +592,12 @@ class Index:
                        scored_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
                    WHERE orthanc_id = :orthanc_id""", scores)
 
-    def rendered_images(self, after: str = "", limit: int = 500) -> list[tuple[str, str, str]]:
-        """(orthanc_id, png, study orthanc_id) of rendered images, in ID order after ``after``."""
+    def rendered_images(self, after: str = "", limit: int = 500) -> list[tuple[str, str, str, bool]]:
+        """(orthanc_id, png, study orthanc_id, flagged now) of rendered images, in ID order after
+        ``after``."""
         # "+i.status": walk the primary key in order; the status index would sort every image.
         return self._connection().execute(
-            """SELECT i.orthanc_id, i.png, se.study FROM images i
+            """SELECT i.orthanc_id, i.png, se.study, i.flagged IS 1 FROM images i
                JOIN series se ON se.orthanc_id = i.series
                WHERE +i.status = 'rendered' AND i.orthanc_id > ? ORDER BY i.orthanc_id LIMIT ?""",
             (after, limit)).fetchall()

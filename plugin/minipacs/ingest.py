@@ -47,7 +47,7 @@ class OrthancLookup(Protocol):
     def decode(self, data: bytes, frame: int) -> np.ndarray:
         """Stored values of a frame by Orthanc's decoder, for files pydicom cannot decode."""
 
-    def publish(self, instance_id: str, study_id: str, score: Score) -> None:
+    def publish(self, instance_id: str, study_id: str, score: Score, was_flagged: bool) -> None:
         """Make a score visible in Orthanc itself (instance metadata, study label)."""
 
 
@@ -404,7 +404,7 @@ def _publish(lookup: OrthancLookup, record: idx.InstanceRecord) -> None:
                   model_version=image["model_version"], threshold=image["threshold"],
                   reason=image.get("anomaly_reason"))
     try:
-        lookup.publish(image["orthanc_id"], record.study["orthanc_id"], score)
+        lookup.publish(image["orthanc_id"], record.study["orthanc_id"], score, False)
     except Exception:  # Orthanc's copy of the flag is a convenience; the index has it
         log.exception("publishing the score of %s to Orthanc failed", image["orthanc_id"])
 

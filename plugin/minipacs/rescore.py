@@ -22,7 +22,8 @@ log = logging.getLogger("minipacs")
 BATCH = 32
 
 #: Called for each new score: (instance Orthanc ID, study Orthanc ID, score).
-Publish = Callable[[str, str, Score], None]
+#: Makes a score visible in Orthanc: (instance, study, score, whether the image was flagged before).
+Publish = Callable[[str, str, Score, bool], None]
 
 
 class Busy(Exception):
@@ -93,10 +94,10 @@ class Rescorer:
 
     def _score_batch(self, scorer, rows: list[tuple[str, str, str]]) -> None:
         images, kept = [], []
-        for orthanc_id, png, study in rows:
+        for orthanc_id, png, study, was_flagged in rows:
             try:
                 images.append(np.asarray(Image.open(self.png_directory / png)))
-                kept.append((orthanc_id, study))
+                kept.append((orthanc_id, study, bool(was_flagged)))
             except OSError:
                 log.warning("rescore: PNG of %s is unreadable; skipped", orthanc_id)
                 self._add(Failed=1)
@@ -104,14 +105,16 @@ class Rescorer:
             return
         scores = scorer.scores(images)
         self.index.set_scores([{"orthanc_id": orthanc_id, **score_columns(score)}
-                               for (orthanc_id, _), score in zip(kept, scores)])
-        for (orthanc_id, study), score in zip(kept, scores):
+                               for (orthanc_id, _, _), score in zip(kept, scores)])
+        refused = 0
+        for (orthanc_id, study, was_flagged), score in zip(kept, scores):
             if self.publish is not None:
                 try:
-                    self.publish(orthanc_id, study, score)
-                except Exception:
+                    self.publish(orthanc_id, study, score, was_flagged)
+                except Exception:  # Orthanc refused the write: the image is not done
                     log.exception("publishing the score of %s to Orthanc failed", orthanc_id)
-        self._add(Done=len(kept), Flagged=sum(s.flagged for s in scores))
+                    refused += 1
+        self._add(Done=len(kept) - refused, Failed=refused, Flagged=sum(s.flagged for s in scores))
 
 
 def _now() -> str:

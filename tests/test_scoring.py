@@ -209,7 +209,7 @@ def archive(tmp_path, model):
     published = []
 
     class Lookup(OfflineLookup):
-        def publish(self, instance_id, study_id, score):
+        def publish(self, instance_id, study_id, score, was_flagged):
             published.append((instance_id, study_id, score.flagged))
 
     for name in ("CT_small.dcm", "MR_small.dcm", "RG1_UNCI.dcm", "rtplan.dcm"):
@@ -274,7 +274,7 @@ def test_a_reload_during_a_rescore_restarts_it_with_the_new_model(archive, tmp_p
     newer = brightness_model(tmp_path / "v2.onnx", version="v2")
     seen = []
 
-    def publish(instance_id, study_id, score):  # called during the rescore: reload then
+    def publish(instance_id, study_id, score, was_flagged):  # during the rescore: reload then
         seen.append(score.model_version)
         if len(seen) == 1:
             slot.load(newer)

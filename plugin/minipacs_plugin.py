@@ -186,6 +186,7 @@ class MiniPacs:
 
     def ingest_stats(self) -> dict:
         return {**self.worker.stats(), "retrying": self.pipeline.retries.pending(),
+                "gone": self.pipeline.gone,
                 "renderers": self.sandbox.ready() if self.sandbox else 0,
                 "renderers_replaced": self.sandbox.deaths if self.sandbox else 0}
 

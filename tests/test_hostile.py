@@ -142,6 +142,8 @@ def test_deletions_during_ingest_never_resurrect_rows(tmp_path):
         server.wait_for_ingest()
         time.sleep(1)  # Orthanc's DELETED changes come from its change thread
         assert same_as_orthanc(server)
+        worker = server.json("/minipacs/ingest")["worker"]
+        assert worker["failed"] == 0 and "Unknown resource" not in server.log_path.read_text()
         assert server.json("/minipacs/studies/count")["count"] == len(server.json("/studies"))
         png = server.data / "png"
         assert sorted(p.name for p in png.iterdir()) == sorted(f"{i}.png" for i in server.json("/instances"))

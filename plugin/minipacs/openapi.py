@@ -76,7 +76,7 @@ SCHEMAS = {
         ["queued", "processed", "failed", "dropped", "idle", "deferring", "deferred_s"],
         queued={"type": "integer"}, processed={"type": "integer"}, failed={"type": "integer"},
         dropped={"type": "integer"}, idle={"type": "boolean"}, deferring={"type": "boolean"},
-        deferred_s={"type": "number"}, retrying={"type": "integer"},
+        deferred_s={"type": "number"}, retrying={"type": "integer"}, gone={"type": "integer"},
         renderers={"type": "integer"}, renderers_replaced={"type": "integer"}),
         statuses={"type": "object"}),
     "Welcome": _object(["name", "version", "counts"], name=_STRING, version=_STRING,

@@ -95,6 +95,7 @@ class Pipeline:
         self.index, self.settings, self.lookup, self.models = index, settings, lookup, models
         self.fetch, self.renderer, self.submit = fetch, renderer, submit
         self.deletions = Deletions()
+        self.gone = 0  # instances deleted from Orthanc before a worker fetched them
         self.trouble = Trouble()
         self.retries = Retries(submit)
 
@@ -134,8 +135,9 @@ class Pipeline:
                     items.append((instance_id, self.fetch(instance_id)))
                 except Exception:  # deleted from Orthanc since it was queued
                     gone.append(instance_id)
-            if gone:
+            if gone:  # counted, not logged: deleting what was just stored is ordinary
                 self.index.release(gone)
+                self.gone += len(gone)
             try:
                 images = ingest_many(self.index, self.settings, items, self.lookup, self.models,
                                      self.renderer, self.deletions, number)

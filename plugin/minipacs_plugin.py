@@ -59,8 +59,9 @@ logging.getLogger("pydicom").addHandler(_OrthancLog(quiet=True))
 logging.getLogger("pydicom").propagate = False
 
 # Scores are also kept in Orthanc: as instance metadata (declared in "UserMetadata"), and as a
-# label on studies with a flagged image where Orthanc has labels (1.12 and later). A flagged
-# image also gets its reason (minipacs.reasons), where that metadata is declared too.
+# label on studies with a flagged image where Orthanc has labels (1.12 and later, with a database
+# that stores them). A flagged image also gets its reason (minipacs.reasons), where that metadata
+# is declared too.
 SCORE_METADATA, FLAG_METADATA, FLAG_LABEL = "MiniPacsAnomalyScore", "MiniPacsFlagged", "minipacs-flagged"
 REASON_METADATA = "MiniPacsAnomalyReason"
 PIXEL_FORMATS = {value: name for name, value in vars(orthanc.PixelFormat).items()
@@ -74,18 +75,19 @@ def rest_get(uri: str) -> dict:
 
 
 @functools.cache
-def orthanc_version() -> tuple[str, bool]:
-    """Orthanc's version, and whether it has labels (asked once, outside any callback)."""
-    version = rest_get("/system")["Version"]
-    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
-    return version, numbers >= (1, 12)
+def orthanc_features() -> dict:
+    """What this Orthanc offers, as its /system says (asked once, outside any callback). Labels
+    where it says HasLabels: 1.12 added both, and a database plugin without labels says False."""
+    system = rest_get("/system")
+    return {"version": system["Version"], "api_version": system.get("ApiVersion"),
+            "labels": bool(system.get("HasLabels"))}
 
 
 class Lookup:
     """Orthanc, asked from the worker threads only (never from a store callback)."""
 
-    def __init__(self, metadata: bool, reason_metadata: bool = False):
-        self.metadata, self.reason_metadata = metadata, reason_metadata
+    def __init__(self, index: Index, metadata: bool, reason_metadata: bool = False):
+        self.index, self.metadata, self.reason_metadata = index, metadata, reason_metadata
 
     def tags(self, instance_id: str) -> dict:
         return rest_get(f"/instances/{instance_id}/simplified-tags")
@@ -110,8 +112,20 @@ class Lookup:
             # Only flagged images: the others cost no third write. A reason left by an earlier
             # flag stays beside MiniPacsFlagged = 0, which says it no longer holds.
             orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{REASON_METADATA}", score.reason)
-        if score.flagged and orthanc_version()[1]:
+        self.label(study_id)
+
+    def label(self, study_id: str) -> None:
+        """Give the study the flag label while the index holds a flagged image of it, and take it
+        away once none is left (a rescore, a deletion). Read first: most images change nothing,
+        and a write is a transaction of Orthanc's database."""
+        flagged = self.index.study_flagged(study_id)
+        if flagged is None or not orthanc_features()["labels"]:
+            return
+        labelled = FLAG_LABEL in rest_get(f"/studies/{study_id}/labels")
+        if flagged and not labelled:
             orthanc.RestApiPut(f"/studies/{study_id}/labels/{FLAG_LABEL}", "")
+        elif labelled and not flagged:
+            orthanc.RestApiDelete(f"/studies/{study_id}/labels/{FLAG_LABEL}")
 
 
 def answer(output, response: Response) -> None:
@@ -127,7 +141,10 @@ def answer(output, response: Response) -> None:
     else:
         body = response.body.decode("ascii")
         output.SetHttpHeader("Content-Type", response.content_type)
-        output.SendHttpStatus(response.status, body, len(body))
+        try:  # orthanc-python 5.0 takes the body alone
+            output.SendHttpStatus(response.status, body)
+        except TypeError:  # 4.0 wants its size too, and refuses two arguments before sending
+            output.SendHttpStatus(response.status, body, len(body))
 
 
 class MiniPacs:
@@ -148,7 +165,7 @@ class MiniPacs:
         if metadata and not reason_metadata:
             log.warning("declare %s in UserMetadata to see why images are flagged in Orthanc",
                         REASON_METADATA)
-        self.lookup = Lookup(metadata, reason_metadata)
+        self.lookup = Lookup(self.index, metadata, reason_metadata)
         self.models = ModelSlot(config.model_path, config.anomaly_threshold)
         self.models.try_load()
         if self.models.error:
@@ -163,8 +180,7 @@ class MiniPacs:
         self.stopping = threading.Event()
         rescorer = Rescorer(self.index, config.png_directory, self.models, self.lookup.publish)
         self.router = Router(self.index, config.png_directory, self.ingest_stats, self.models,
-                             rescorer, lambda: {"version": orthanc_version()[0],
-                                                "labels": orthanc_version()[1], "metadata": metadata})
+                             rescorer, lambda: {**orthanc_features(), "metadata": metadata})
         self.ohif = OhifSite(config.ohif_directory,
                              configuration.get("DicomWeb", {}).get("Root", "/dicom-web/"))
 
@@ -221,8 +237,14 @@ class MiniPacs:
         if change_type == orthanc.ChangeType.NEW_INSTANCE:
             self.worker.stored(resource_id)
         elif change_type == orthanc.ChangeType.DELETED and level in LEVELS:
+            study = self.index.study_of(LEVELS[level], resource_id)
             remove(self.index, self.config.png_directory, LEVELS[level], resource_id,
                    self.pipeline.deletions)
+            if study is not None:  # its last flagged image may be gone
+                try:
+                    self.lookup.label(study)
+                except Exception:  # the label is a convenience; the index has the flags
+                    log.exception("updating the label of study %s failed", study)
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             threading.Thread(target=self.keep_reconciled, name="minipacs-reconcile", daemon=True).start()
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:

@@ -76,9 +76,9 @@ def test_study_and_series_lookups_agree_with_orthanc(orthanc):
 
 def test_corpus_outcomes(orthanc):
     ingest = orthanc.json("/minipacs/ingest")
-    # The corpus was rendered in sandboxed children, one per worker, started with the Python
-    # Orthanc embeds (found from a sys.executable that is Orthanc itself: sandbox.interpreter).
-    assert ingest["renderers"] == 2
+    # The corpus was rendered in sandboxed children (at least one per worker), started with the
+    # Python Orthanc embeds (found from a sys.executable that is Orthanc itself: sandbox.interpreter).
+    assert ingest["worker"]["renderers"] >= 2
     statuses = ingest["statuses"]
     assert statuses["rendered"] >= 45
     assert statuses["no_pixel_data"] >= 3  # RT plan, RT structure set, SR ...

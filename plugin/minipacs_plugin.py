@@ -75,11 +75,12 @@ def rest_get(uri: str) -> dict:
 
 
 @functools.cache
-def orthanc_version() -> tuple[str, bool]:
-    """Orthanc's version, and whether it has labels (asked once, outside any callback)."""
-    version = rest_get("/system")["Version"]
-    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
-    return version, numbers >= (1, 12)
+def orthanc_features() -> dict:
+    """What this Orthanc offers, as its /system says (asked once, outside any callback). Labels
+    where it says HasLabels: 1.12 added both, and a database plugin without labels says False."""
+    system = rest_get("/system")
+    return {"version": system["Version"], "api_version": system.get("ApiVersion"),
+            "labels": bool(system.get("HasLabels"))}
 
 
 class Lookup:
@@ -91,8 +92,8 @@ class Lookup:
     log stay as they are for normal images; ``none`` nothing. Metadata must be declared in
     ``UserMetadata``; labels (Orthanc >= 1.12) mark studies with a flagged image in both modes."""
 
-    def __init__(self, publish: str, declared: set[str]):
-        self.mode = publish
+    def __init__(self, index: Index, publish: str, declared: set[str]):
+        self.index, self.mode = index, publish
         self.scores = publish == "all" and {SCORE_METADATA, FLAG_METADATA} <= declared
         self.reasons = publish != "none" and REASON_METADATA in declared
 
@@ -119,8 +120,21 @@ class Lookup:
             orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{REASON_METADATA}", score.reason)
         elif self.reasons and was_flagged:  # a rescore cleared the flag: so does Orthanc's copy
             orthanc.RestApiDelete(f"/instances/{instance_id}/metadata/{REASON_METADATA}")
-        if self.mode != "none" and score.flagged and orthanc_version()[1]:
+        if self.mode != "none" and (score.flagged or was_flagged):  # else the label cannot change
+            self.label(study_id)
+
+    def label(self, study_id: str) -> None:
+        """Give the study the flag label while the index holds a flagged image of it, and take it
+        away once none is left (a rescore, a deletion). Read first: most images change nothing,
+        and a write is a transaction of Orthanc's database."""
+        flagged = self.index.study_flagged(study_id)
+        if flagged is None or not orthanc_features()["labels"]:
+            return
+        labelled = FLAG_LABEL in rest_get(f"/studies/{study_id}/labels")
+        if flagged and not labelled:
             orthanc.RestApiPut(f"/studies/{study_id}/labels/{FLAG_LABEL}", "")
+        elif labelled and not flagged:
+            orthanc.RestApiDelete(f"/studies/{study_id}/labels/{FLAG_LABEL}")
 
 
 def answer(output, response: Response) -> None:
@@ -136,7 +150,10 @@ def answer(output, response: Response) -> None:
     else:
         body = response.body.decode("ascii")
         output.SetHttpHeader("Content-Type", response.content_type)
-        output.SendHttpStatus(response.status, body, len(body))
+        try:  # orthanc-python 5.0 takes the body alone
+            output.SendHttpStatus(response.status, body)
+        except TypeError:  # 4.0 wants its size too, and refuses two arguments before sending
+            output.SendHttpStatus(response.status, body, len(body))
 
 
 class MiniPacs:
@@ -154,7 +171,7 @@ class MiniPacs:
         if wanted - declared:
             log.warning("PublishToOrthanc is %r: declare %s in UserMetadata to see scores in "
                         "Orthanc", config.publish, ", ".join(sorted(wanted - declared)))
-        self.lookup = Lookup(config.publish, declared)
+        self.lookup = Lookup(self.index, config.publish, declared)
         self.models = ModelSlot(config.model_path, config.anomaly_threshold)
         self.models.try_load()
         if self.models.error:
@@ -169,8 +186,7 @@ class MiniPacs:
         self.stopping = threading.Event()
         rescorer = Rescorer(self.index, config.png_directory, self.models, self.lookup.publish)
         self.router = Router(self.index, config.png_directory, self.ingest_stats, self.models,
-                             rescorer, lambda: {"version": orthanc_version()[0],
-                                                "labels": orthanc_version()[1],
+                             rescorer, lambda: {**orthanc_features(),
                                                 "metadata": self.lookup.scores or self.lookup.reasons,
                                                 "publish": config.publish})
         self.ohif = OhifSite(config.ohif_directory,
@@ -230,8 +246,14 @@ class MiniPacs:
         if change_type == orthanc.ChangeType.NEW_INSTANCE:
             self.worker.stored(resource_id)
         elif change_type == orthanc.ChangeType.DELETED and level in LEVELS:
+            study = self.index.study_of(LEVELS[level], resource_id)
             remove(self.index, self.config.png_directory, LEVELS[level], resource_id,
                    self.pipeline.deletions)
+            if study is not None:  # its last flagged image may be gone
+                try:
+                    self.lookup.label(study)
+                except Exception:  # the label is a convenience; the index has the flags
+                    log.exception("updating the label of study %s failed", study)
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             threading.Thread(target=self.keep_reconciled, name="minipacs-reconcile", daemon=True).start()
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:

@@ -80,7 +80,10 @@ class OrthancServer:
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(self.config, indent=2))
         env = dict(os.environ)
-        venv_site = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"))
+        venv_site = subprocess.run(  # as minipacs.sh asks it, whatever the Python version
+            [ROOT / ".venv" / "bin" / "python", "-c",
+             "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True, text=True, check=True).stdout.strip()
         env["PYTHONPATH"] = f"{venv_site}:{ROOT / 'plugin'}"
         self.process = subprocess.Popen([ORTHANC, str(config_path)], cwd=self.workdir, env=env,
                                         stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)

@@ -75,7 +75,11 @@ def test_study_and_series_lookups_agree_with_orthanc(orthanc):
 
 
 def test_corpus_outcomes(orthanc):
-    statuses = orthanc.json("/minipacs/ingest")["statuses"]
+    ingest = orthanc.json("/minipacs/ingest")
+    # The corpus was rendered in sandboxed children (at least one per worker), started with the
+    # Python Orthanc embeds (found from a sys.executable that is Orthanc itself: sandbox.interpreter).
+    assert ingest["worker"]["renderers"] >= 2
+    statuses = ingest["statuses"]
     assert statuses["rendered"] >= 45
     assert statuses["no_pixel_data"] >= 3  # RT plan, RT structure set, SR ...
     by_status = {s: orthanc.json(f"/minipacs/images?status={s}&limit=1000")["items"]

@@ -8,6 +8,8 @@ from minipacs import reasons, synth
 from onnx_models import brightness_model, reason_model
 from orthanc_server import OrthancServer
 
+FLAG_LABEL = "minipacs-flagged"  # what users filter on in Orthanc Explorer 2 and /tools/find
+
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
@@ -56,26 +58,43 @@ def test_anomalies_route_lists_exactly_the_flagged_images(scored):
     assert summary["flagged"] >= 1 and summary["max_score"] == pytest.approx(first["AnomalyScore"])
 
 
-def test_orthanc_1_10_has_no_labels_and_minipacs_knows(scored):
-    features = scored.json("/minipacs/")["orthanc"]
-    assert features["version"].startswith("1.10") and features["labels"] is False
-    assert features["metadata"] is True
+def rescore(server, model) -> dict:
+    """Load ``model`` and rescore every image with it; the final progress."""
+    answer = server.session.post(server.url + "/minipacs/model/reload", json={"Path": str(model)})
+    assert answer.status_code == 200, answer.text
+    assert server.session.post(server.url + "/minipacs/rescore").status_code == 200
+    deadline = time.monotonic() + 60
+    while (progress := server.json("/minipacs/rescore"))["State"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return progress
+
+
+def flagged_studies(server) -> set[str]:
+    """Orthanc IDs of the studies with a flagged image, as the index says."""
+    images = server.json("/minipacs/images?limit=1000")["items"]
+    return {server.json(f"/instances/{i['OrthancID']}/study")["ID"] for i in images if i["Flagged"]}
+
+
+def labelled_studies(server) -> set[str]:
+    return {study for study in server.json("/studies")
+            if FLAG_LABEL in server.json(f"/studies/{study}/labels")}
+
+
+def test_orthanc_features_come_from_its_system_route(scored):
+    system = scored.json("/system")
+    assert scored.json("/minipacs/")["orthanc"] == {
+        "version": system["Version"], "api_version": system["ApiVersion"],
+        "labels": system.get("HasLabels", False), "metadata": True, "publish": "all"}
 
 
 def test_swapping_the_model_and_rescoring_without_a_restart(scored):
     # Flags everything; dark images look like pictures, bright ones like overlays.
     strict = reason_model(scored.work / "strict.onnx", {"picture": -10.0, "overlay": 10.0},
                           {"picture": 5.0, "overlay": -5.0}, size=16, threshold=0.999, version="strict")
-    answer = scored.session.post(scored.url + "/minipacs/model/reload", json={"Path": str(strict)})
-    assert answer.status_code == 200 and answer.json()["Version"] == "strict"
-    assert answer.json()["Reasons"] == list(reasons.REASONS)
-    assert scored.json("/minipacs/model")["Version"] == "strict"
-    started = scored.session.post(scored.url + "/minipacs/rescore")
-    assert started.status_code == 200
-    deadline = time.monotonic() + 60
-    while (progress := scored.json("/minipacs/rescore"))["State"] == "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    progress = rescore(scored, strict)
+    model = scored.json("/minipacs/model")
+    assert model["Version"] == "strict" and model["Reasons"] == list(reasons.REASONS)
     images = scored.json("/minipacs/images?limit=1000")["items"]
     assert progress["State"] == "done" and progress["Done"] == len(images)
     assert all(i["ModelVersion"] == "strict" and i["Flagged"] for i in images)
@@ -164,3 +183,37 @@ def test_by_default_orthanc_shows_only_the_flags(tmp_path):
             assert "MiniPacsAnomalyReason" not in server.json(f"/instances/{image['OrthancID']}/metadata")
     finally:
         server.stop()
+
+
+def test_a_study_is_labelled_while_it_has_a_flagged_image(scored):
+    """Orthanc >= 1.12 (Debian 13: 1.12.7): the label follows rescores and deletions."""
+    study = scored.json("/studies")[0]
+    if not scored.json("/minipacs/")["orthanc"]["labels"]:  # Orthanc 1.10: no labels route at all
+        assert "HasLabels" not in scored.json("/system")
+        assert scored.get(f"/studies/{study}/labels").status_code == 404
+        return
+    everything = set(scored.json("/studies"))
+    assert rescore(scored, scored.work / "strict.onnx")["State"] == "done"
+    assert labelled_studies(scored) == flagged_studies(scored) == everything
+    never = brightness_model(scored.work / "never.onnx", size=16, threshold=0.0, version="never")
+    assert rescore(scored, never)["State"] == "done"
+    assert flagged_studies(scored) == set() == labelled_studies(scored)
+    assert rescore(scored, scored.work / "bright.onnx")["State"] == "done"
+    flagged = flagged_studies(scored)
+    assert flagged and labelled_studies(scored) == flagged
+    # A study with flagged and unflagged images keeps its label until its last flagged image goes.
+    images = scored.json("/minipacs/images?limit=1000")["items"]
+    by_study: dict[str, list[dict]] = {}
+    for image in images:
+        by_study.setdefault(scored.json(f"/instances/{image['OrthancID']}/study")["ID"], []).append(image)
+    study, its = next((s, i) for s, i in by_study.items()
+                      if any(x["Flagged"] for x in i) and not all(x["Flagged"] for x in i))
+    doomed = [image for image in its if image["Flagged"]]
+    for number, image in enumerate(doomed, 1):
+        assert scored.session.delete(f"{scored.url}/instances/{image['OrthancID']}").status_code == 200
+        deadline = time.monotonic() + 10  # Orthanc announces the deletion from its change thread
+        while (scored.get(f"/minipacs/images/{image['SOPInstanceUID']}/score").status_code != 404
+               or (study in labelled_studies(scored)) != (number < len(doomed))):
+            assert time.monotonic() < deadline, (number, len(doomed))
+            time.sleep(0.2)
+    assert labelled_studies(scored) == flagged - {study} and study in scored.json("/studies")

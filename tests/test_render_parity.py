@@ -1,4 +1,8 @@
-"""Our renders against DCMTK's ``dcm2pnm`` (the reference renderer), run live on real files.
+"""Our renders against DCMTK's renderer (the reference), run live on real files: ``dcm2img``
+where the release has it (DCMTK 3.6.8+, Debian 13: 3.6.9), else ``dcmj2pnm``/``dcml2pnm``
+(DCMTK 3.6.7, Debian 12). Both give the same pixels on every file below: 3.6.8 renamed dcm2pnm to
+dcm2img and merged the JPEG and JPEG-LS decoders into it, and left its rendering as it was (the
+old names remain, deprecated, as aliases of dcm2img).
 
 Every image of pydicom's test files and of pydicom-data is rendered by us and by DCMTK with the
 same VOI choice (``+Wi n`` for a dataset window, ``+Ww c w`` for a functional-group window,
@@ -6,6 +10,7 @@ same VOI choice (``+Wi n`` for a dataset window, ``+Ww c w`` for a functional-gr
 listed below with the reason.
 """
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -28,8 +33,8 @@ DCMTK_REFUSES = {
     "SC_rgb_jpeg.dcm": "the file ends before the pixel data's sequence delimiter; DCMTK stops "
                        "reading ('premature end of stream'), pydicom decodes the complete JPEG frame",
 }
-# DCMTK 3.6.7 has no JPEG 2000 decoder: lossless files must equal their uncompressed twin, and
-# lossy ones the twin holding the decompressed pixels.
+# DCMTK (3.6.7 and 3.6.9 alike) has no JPEG 2000 decoder: lossless files must equal their
+# uncompressed twin, and lossy ones the twin holding the decompressed pixels.
 J2K_TWINS = {
     "MR_small_jp2klossless.dcm": "MR_small.dcm", "693_J2KR.dcm": "693_UNCR.dcm",
     "MR2_J2KR.dcm": "MR2_UNCR.dcm", "RG1_J2KR.dcm": "RG1_UNCR.dcm", "RG3_J2KR.dcm": "RG3_UNCR.dcm",
@@ -61,6 +66,7 @@ WE_REFUSE = {
     "MR_truncated.dcm": "less than expected",  # DCMTK refuses it too
 }
 JPEG_LS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
+DCM2IMG = shutil.which("dcm2img")
 
 
 def images() -> list[Path]:
@@ -76,9 +82,10 @@ def images() -> list[Path]:
 
 
 def dcmtk_render(path: Path, ds, shown, out: Path) -> np.ndarray:
-    """dcm2pnm (dcmj2pnm: + JPEG, dcml2pnm: + JPEG-LS) with the VOI we chose."""
+    """DCMTK's rendering with the VOI we chose: dcm2img, or before 3.6.8 dcm2pnm's variants
+    with a JPEG (dcmj2pnm) or JPEG-LS (dcml2pnm) decoder."""
     syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    tool = "dcml2pnm" if syntax in JPEG_LS else "dcmj2pnm"
+    tool = DCM2IMG or ("dcml2pnm" if syntax in JPEG_LS else "dcmj2pnm")
     voi = {"dataset": ["+Wi", "1"], "voi_lut": ["+Wl", "1"], "minmax": ["+Wm"],
            "functional_group": ["+Ww", repr(shown.window_center), repr(shown.window_width)],
            None: []}[shown.window_source]

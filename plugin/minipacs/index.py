@@ -620,6 +620,19 @@ class Index:
                            f"(SELECT 1 FROM {child} WHERE {column} = ?)", (parent_id, parent_id))
         return pngs
 
+    def study_of(self, table: str, orthanc_id: str) -> str | None:
+        """The Orthanc ID of the study holding a series or an image, if indexed."""
+        return next((parent_id for parent, _, _, parent_id in self._ancestors(table, orthanc_id)
+                     if parent == "studies"), None)
+
+    def study_flagged(self, study_orthanc_id: str) -> bool | None:
+        """Whether an image of the study is flagged; None when the study is not indexed."""
+        row = self._connection().execute(
+            """SELECT (SELECT 1 FROM studies WHERE orthanc_id = :s), EXISTS (SELECT 1 FROM images i
+                 JOIN series se ON se.orthanc_id = i.series WHERE se.study = :s AND i.flagged)""",
+            {"s": study_orthanc_id}).fetchone()
+        return None if row[0] is None else bool(row[1])
+
     def _ancestors(self, table: str, orthanc_id: str) -> list[tuple[str, str, str, str]]:
         """(parent table, child table, child column naming the parent, parent ID) of each
         level above a resource, nearest first."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # minipacs: install what is missing, then start Orthanc with the plugin, or run the tests.
 #   ./minipacs.sh start [orthanc.json]   Orthanc + minipacs on :8042 / DICOM :4242, demo data if empty
+#   ./minipacs.sh serve [orthanc.json]   the same, installing nothing (the Docker image's command)
 #   ./minipacs.sh test [pytest args]     the whole test suite
 #   ./minipacs.sh train [args]           offline training of the anomaly model (python -m training --help)
 #   ./minipacs.sh bench                  the benchmarks in bench/ (results in bench/results/)
@@ -14,7 +15,9 @@ ROOT=$PWD
 VENV=$ROOT/.venv
 TRAIN_VENV=$ROOT/.venv-training
 APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools python3-venv)
-APT_DEV_PACKAGES=(chromium)  # headless browser of tests/test_ohif.py (driven by Playwright)
+# Headless browser of tests/test_ohif.py (driven by Playwright); Docker and debootstrap build and
+# run the image in tests/test_docker.py (and the other release's container in .ci/other-release).
+APT_DEV_PACKAGES=(chromium docker.io debootstrap)
 # Training captures real error dialogs and windows on a virtual X screen (training/realinvalid.py).
 APT_TRAIN_PACKAGES=(xvfb zenity xdotool x11-apps x11-utils python3-tk openbox twm xterm xfonts-base
                     xfonts-75dpi fonts-dejavu-core fonts-liberation)
@@ -37,7 +40,8 @@ install_apt() {
   done
   # npm fetches OHIF. Any Node.js that brings npm will do (Debian's nodejs + npm, or NodeSource's
   # nodejs, which bundles npm and conflicts with Debian's npm package).
-  [ "${1:-}" = "--integration" ] || command -v npm >/dev/null || missing+=(nodejs npm)
+  ohif_installed || [ "${1:-}" = "--integration" ] || command -v npm >/dev/null \
+    || missing+=(nodejs npm)
   [ ${#missing[@]} -eq 0 ] && return
   say "installing Debian packages: ${missing[*]}"
   $SUDO apt-get update -q
@@ -77,10 +81,13 @@ install_venv() {
 # TensorFlow needs numpy < 2 and the plugin numpy 2: training gets a venv of its own.
 install_training_venv() { build_venv "$TRAIN_VENV" training training/requirements.txt; }
 
+ohif_installed() {
+  [ "$(cat "$OHIF/.minipacs-version" 2>/dev/null)" = "$OHIF_VERSION" ] && [ -f "$OHIF/dist/index.html" ]
+}
+
 install_ohif() {
   # Only the package's own tarball: its dist/ is self-contained (no node_modules needed).
-  [ "$(cat "$OHIF/.minipacs-version" 2>/dev/null)" = "$OHIF_VERSION" ] \
-    && [ -f "$OHIF/dist/index.html" ] && return
+  ohif_installed && return
   say "installing OHIF $OHIF_VERSION (npm package @ohif/app) into $OHIF"
   rm -rf "$OHIF.tmp" && mkdir -p "$OHIF.tmp"
   (cd "$OHIF.tmp" && npm pack --silent --cache "$OHIF.tmp/npm-cache" "@ohif/app@$OHIF_VERSION" >/dev/null)
@@ -98,26 +105,36 @@ orthanc_env() {
   export PYTHONPATH="$site:$ROOT/plugin${PYTHONPATH:+:$PYTHONPATH}"
 }
 
-start() {
-  local config=${1:-orthanc.json} url pid
-  setup
+# Orthanc with the plugin in the foreground, the demo archive loaded if empty; installs nothing.
+serve() {
+  local config=${1:-orthanc.json} url
   if grep -q '"AuthenticationEnabled" *: *true' "$config" && [ -z "${MINIPACS_PASSWORD:-}" ]; then
     say "$config enables authentication: set MINIPACS_PASSWORD (and MINIPACS_USER)"; exit 2
   fi
   orthanc_env
-  mkdir -p var
+  mkdir -p var 2>/dev/null || true  # orthanc.json keeps its data there (not the Docker image's)
   url="http://localhost:$("$VENV/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("HttpPort", 8042))' "$config")"
   Orthanc "$config" &
-  pid=$!
-  trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' INT TERM EXIT
+  ORTHANC_PID=$!  # global: the EXIT trap runs after serve has returned
+  trap 'stop_orthanc' INT TERM
+  trap 'kill $ORTHANC_PID 2>/dev/null; wait $ORTHANC_PID 2>/dev/null || true' EXIT
   "$VENV/bin/python" -m minipacs.demo --url "$url" --if-empty || say "demo data not loaded (see above)"
   say "Orthanc + minipacs at $url (try $url/minipacs/counts); Ctrl-C stops"
-  wait $pid
+  wait "$ORTHANC_PID" || true
+}
+
+# Ctrl-C or `docker stop`: Orthanc stops cleanly, and so does this script (status 0).
+stop_orthanc() {
+  kill -TERM "$ORTHANC_PID" 2>/dev/null || true
+  wait "$ORTHANC_PID" 2>/dev/null || true
+  trap - EXIT
+  exit 0
 }
 
 case "${1:-}" in
   setup) shift; setup "$@" ;;
-  start) shift; start "$@" ;;
+  start) shift; setup; serve "$@" ;;
+  serve) shift; serve "$@" ;;
   test)
     shift
     setup --dev
@@ -144,5 +161,5 @@ case "${1:-}" in
     install_training_venv  # bench/training.py runs in it
     exec "$VENV/bin/python" bench/run_all.py "$@"
     ;;
-  *) sed -n '2,8p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,11p' "$0" >&2; exit 2 ;;
 esac

@@ -1,32 +1,44 @@
 # minipacs: Orthanc + the minipacs plugin, from Debian's packages, running as Debian's `orthanc` user.
 #   docker build -t minipacs .
 #   docker run -p 8042:8042 -p 4242:4242 -e MINIPACS_PASSWORD=... -v minipacs:/var/lib/minipacs minipacs
-# Layers from the least to the most often changed: Debian packages, the plugin's Python
-# requirements, OHIF (fetched in a stage of its own, so Node.js stays out of the image), the code.
+# Build stages fetch OHIF (Node.js stays out of the image) and build the plugin's venv (pip and
+# binutils stay out); the image's layers go from the least to the most often changed, so a code
+# change rebuilds only the last ones.
 
 FROM debian:bookworm-slim AS ohif
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends nodejs npm ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /build
 COPY minipacs.sh ./
-# The version minipacs.sh pins; the source maps (38 MB) are for debugging OHIF itself.
+# The version minipacs.sh pins. Left out: source maps (38 MB, for debugging OHIF itself) and
+# ONNX Runtime Web (108 MB, for OHIF's optional AI segmentation tools).
 RUN version=$(sed -n 's/^OHIF_VERSION=//p' minipacs.sh) \
     && npm pack --silent "@ohif/app@$version" >/dev/null \
     && tar -xzf "ohif-app-$version.tgz" --no-same-owner \
-    && find package/dist -name '*.map' -delete \
+    && find package/dist -name '*.map' -delete && rm -rf package/dist/ort \
     && echo "$version" > package/.minipacs-version
 
-FROM debian:bookworm-slim
-RUN apt-get update -q \
-    && apt-get install -y -q --no-install-recommends orthanc orthanc-python orthanc-dicomweb \
-       python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
+FROM debian:bookworm-slim AS venv
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends python3-venv binutils \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/minipacs
 COPY plugin/requirements.txt plugin/
 RUN python3 -m venv .venv \
     && .venv/bin/pip install -q --no-cache-dir --disable-pip-version-check -r plugin/requirements.txt \
-    && find .venv -name '__pycache__' -prune -exec rm -rf {} +
-COPY --from=ohif /build/package .ohif
+    && .venv/bin/pip uninstall -q -y pip setuptools \
+    && find .venv -name '__pycache__' -prune -exec rm -rf {} + \
+    && find .venv -name '*.so*' -type f -exec strip --strip-unneeded {} +
+
+FROM debian:bookworm-slim
+RUN apt-get update -q \
+    && apt-get install -y -q --no-install-recommends orthanc orthanc-python orthanc-dicomweb \
+       python3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* \
+       /usr/share/locale/*
+WORKDIR /opt/minipacs
+COPY --from=venv /opt/minipacs/.venv .venv
+COPY --from=ohif /build/package/dist .ohif/dist
+COPY --from=ohif /build/package/.minipacs-version .ohif/
 COPY minipacs.sh orthanc.json ./
 COPY docker/ docker/
 COPY plugin/ plugin/

@@ -56,6 +56,10 @@ def make_base(work: Path) -> None:
     root = work / "rootfs"
     subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(root),
                     "http://deb.debian.org/debian"], check=True, capture_output=True, timeout=1200)
+    for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):  # as Debian's slim images
+        for leftover in (root / cache).glob("*"):
+            if leftover.is_file():
+                leftover.unlink()
     extra = root / "usr/local/share/ca-certificates"
     extra.mkdir(parents=True, exist_ok=True)
     for cert in CA_DIR.glob("*.crt"):

@@ -1,8 +1,8 @@
 # minipacs: Orthanc + the minipacs plugin, from Debian's packages, running as Debian's `orthanc` user.
 #   docker build -t minipacs .
 #   docker run -p 8042:8042 -p 4242:4242 -e MINIPACS_PASSWORD=... -v minipacs:/var/lib/minipacs minipacs
-# Build stages fetch OHIF (Node.js stays out of the image) and build the plugin's venv (pip and
-# binutils stay out); the image's layers go from the least to the most often changed, so a code
+# Build stages fetch OHIF (Node.js stays out of the image) and build the plugin's venv (pip stays
+# out; stripping its shared objects breaks numpy's); the image's layers go from the least to the most often changed, so a code
 # change rebuilds only the last ones.
 
 FROM debian:bookworm-slim AS ohif
@@ -19,15 +19,14 @@ RUN version=$(sed -n 's/^OHIF_VERSION=//p' minipacs.sh) \
     && echo "$version" > package/.minipacs-version
 
 FROM debian:bookworm-slim AS venv
-RUN apt-get update -q && apt-get install -y -q --no-install-recommends python3-venv binutils \
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends python3-venv \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/minipacs
 COPY plugin/requirements.txt plugin/
 RUN python3 -m venv .venv \
     && .venv/bin/pip install -q --no-cache-dir --disable-pip-version-check -r plugin/requirements.txt \
     && .venv/bin/pip uninstall -q -y pip setuptools \
-    && find .venv -name '__pycache__' -prune -exec rm -rf {} + \
-    && find .venv -name '*.so*' -type f -exec strip --strip-unneeded {} +
+    && find .venv -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM debian:bookworm-slim
 RUN apt-get update -q \

@@ -56,10 +56,14 @@ def make_base(work: Path) -> None:
     root = work / "rootfs"
     subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(root),
                     "http://deb.debian.org/debian"], check=True, capture_output=True, timeout=1200)
-    for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):  # as Debian's slim images
-        for leftover in (root / cache).glob("*"):
+    # What Debian's slim images leave out too: the package cache, documentation, translations.
+    for folder in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc",
+                   "usr/share/man", "usr/share/info", "usr/share/locale"):
+        for leftover in (root / folder).glob("*"):
             if leftover.is_file():
                 leftover.unlink()
+            elif leftover.is_dir() and folder.startswith("usr/"):
+                shutil.rmtree(leftover)
     extra = root / "usr/local/share/ca-certificates"
     extra.mkdir(parents=True, exist_ok=True)
     for cert in CA_DIR.glob("*.crt"):

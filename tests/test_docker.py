@@ -1,6 +1,6 @@
-"""The Docker image, built from a clean clone and run: healthy, demo data, authentication,
-C-STORE, not root, a clean `docker stop`, nothing lost across containers on one volume, and a
-rebuild after a code-only change that reuses every layer but the code's.
+"""The Docker image, built from a clean clone and run read-only: healthy, demo data,
+authentication, C-STORE, not root, a clean `docker stop`, nothing lost across containers on one
+volume, and a rebuild after a code-only change that reuses every layer but the code's.
 
 No registry is reachable here, so the base `debian:bookworm-slim` is made from Debian's packages
 (`debootstrap --variant=minbase`, `docker import`), with this machine's CA certificates (a
@@ -97,9 +97,8 @@ def image(daemon, tmp_path_factory):
     rebuild = docker("build", "-t", IMAGE, str(clone), timeout=900)
     rebuilt_s = time.monotonic() - started
     size = int(docker("image", "inspect", "-f", "{{.Size}}", IMAGE).stdout)
-    print(f"\nminipacs image: {size / 1e6:.0f} MB; built in {built_s:.0f} s, rebuilt after a "
-          f"code-only change in {rebuilt_s:.1f} s")
-    yield {"size": size, "rebuilt_s": rebuilt_s, "rebuild_log": rebuild.stdout + rebuild.stderr}
+    yield {"size": size, "built_s": built_s, "rebuilt_s": rebuilt_s,
+           "rebuild_log": rebuild.stdout + rebuild.stderr}
     docker("image", "rm", "-f", IMAGE, check=False)
 
 
@@ -108,7 +107,7 @@ class Container:
         self.http, self.dicom = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http}"
         self.name = f"minipacs-test-{self.http}"
-        docker("run", "-d", "--name", self.name, "--health-interval", "2s",
+        docker("run", "-d", "--name", self.name, "--health-interval", "2s", "--read-only",
                "-p", f"127.0.0.1:{self.http}:8042", "-p", f"127.0.0.1:{self.dicom}:4242",
                "-e", f"MINIPACS_PASSWORD={PASSWORD}", "-v", f"{volume}:/var/lib/minipacs", IMAGE)
         self.auth = ("minipacs", PASSWORD)
@@ -142,12 +141,15 @@ class Container:
         return code
 
 
-def test_the_image_runs_keeps_its_data_and_stops_cleanly(image):
+def test_the_image_runs_keeps_its_data_and_stops_cleanly(image, capsys):
+    with capsys.disabled():
+        print(f"\nminipacs image: {image['size'] / 1e6:.0f} MB; built in {image['built_s']:.0f} s, "
+              f"rebuilt after a code-only change in {image['rebuilt_s']:.1f} s")
     assert image["size"] <= 500e6, f"{image['size'] / 1e6:.0f} MB"
     steps = image["rebuild_log"].split("\nStep ")
     pip = next(step for step in steps if "pip install" in step)
     assert "Using cache" in pip, "a code-only change re-ran pip:\n" + image["rebuild_log"][-3000:]
-    assert image["rebuilt_s"] < 60
+    assert image["rebuilt_s"] <= 15
     volume = f"minipacs-test-{free_port()}"
     first = Container(volume)
     try:
@@ -174,4 +176,3 @@ def test_the_image_runs_keeps_its_data_and_stops_cleanly(image):
     finally:
         docker("rm", "-f", first.name, check=False)
         docker("volume", "rm", "-f", volume, check=False)
-    print(f"image {image['size'] / 1e6:.0f} MB, code-only rebuild {image['rebuilt_s']:.1f} s")

@@ -25,7 +25,7 @@ OHIF_VERSION=3.13.2
 # README's start command (it installs OHIF).
 INTEGRATION_TESTS=(tests/test_orthanc.py tests/test_orthanc_scoring.py tests/test_routes.py
                    tests/test_ingest_and_index.py tests/test_sandbox.py tests/test_render_parity.py
-                   tests/test_training.py tests/test_realinvalid.py tests/test_realsources.py
+                   tests/test_training.py tests/test_realsources.py
                    tests/test_start.py)
 OHIF=$ROOT/.ohif
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -76,8 +76,9 @@ def rest_get(uri: str) -> dict:
 
 @functools.cache
 def orthanc_features() -> dict:
-    """What this Orthanc offers, as its /system says (asked once, outside any callback). Labels
-    where it says HasLabels: 1.12 added both, and a database plugin without labels says False."""
+    """What this Orthanc offers, as its /system says (asked once, never from a store callback).
+    Labels where it says HasLabels: 1.12 added both, and a database plugin without labels says
+    False."""
     system = rest_get("/system")
     return {"version": system["Version"], "api_version": system.get("ApiVersion"),
             "labels": bool(system.get("HasLabels"))}
@@ -127,8 +128,10 @@ class Lookup:
         """Give the study the flag label while the index holds a flagged image of it, and take it
         away once none is left (a rescore, a deletion). Read first: most images change nothing,
         and a write is a transaction of Orthanc's database."""
+        if not orthanc_features()["labels"]:
+            return
         flagged = self.index.study_flagged(study_id)
-        if flagged is None or not orthanc_features()["labels"]:
+        if flagged is None:
             return
         labelled = FLAG_LABEL in rest_get(f"/studies/{study_id}/labels")
         if flagged and not labelled:

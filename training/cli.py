@@ -232,11 +232,12 @@ def run_evaluate(args, data: Path, run: Path) -> dict:
     size = int(model.input_shape[1])
     threshold = args.threshold
     if threshold is None:
-        x, classes, _ = load_split(data, "validate", size)
-        threshold = calibrate((classes == 0).astype(np.float32), model.predict(x, batch_size=128, verbose=0)[:, 0])
+        x, classes, rows = load_split(data, "validate", size)
+        p_valid = with_proven(rows, model.predict(x, batch_size=128, verbose=0))[:, 0]
+        threshold = calibrate((classes == 0).astype(np.float32), p_valid)
         log.info("threshold calibrated on the validation split: %s", threshold)
     x, classes, rows = load_split(data, "test", size)
-    p_class = model.predict(x, batch_size=128, verbose=0)
+    p_class = with_proven(rows, model.predict(x, batch_size=128, verbose=0))
     history_file = run / "history.json"
     history = json.loads(history_file.read_text())["history"] if history_file.exists() else None
     report = write_report(run / "report", data, rows, classes, p_class, threshold, history,
@@ -245,6 +246,19 @@ def run_evaluate(args, data: Path, run: Path) -> dict:
                           reasons.CLASSES)
     log.info("test split: %s", {k: v for k, v in report["test"].items()})
     return report
+
+
+def with_proven(rows: list[dict], p_class):
+    """The softmax as the plugin acts on it: an image ``reasons.by_construction`` proves
+    anomalous (row ``proven``) gets all its probability on that reason, whatever the network said."""
+    from minipacs import reasons
+
+    p_class = p_class.copy()
+    for i, row in enumerate(rows):
+        if row.get("proven"):
+            p_class[i] = 0.0
+            p_class[i, reasons.CLASSES.index(row["proven"])] = 1.0
+    return p_class
 
 
 def chosen_threshold(args, run: Path) -> float:

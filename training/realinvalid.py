@@ -624,12 +624,17 @@ def _as_mode(rgb: np.ndarray, like: np.ndarray) -> np.ndarray:
 
 def dialog_over(image: Valid, dialog: np.ndarray, rng) -> tuple[np.ndarray, dict]:
     """Reason ``overlay``: a real dialog screenshot burned into a valid image, its width 5-60 %
-    of the image's (log-uniform), at a random place, grey for grey images (and sometimes for
-    colour ones). ``params["box"]`` = [x, y, w, h] is the only region that changes."""
+    of the image's (log-uniform), or half the time at 0.6-1× its screen size where it fits (as a
+    screen capture or a burn-in tool leaves it: readable, however small beside a radiograph), at
+    a random place, grey for grey images (and sometimes for colour ones). ``params["box"]`` =
+    [x, y, w, h] is the only region that changes."""
     pixels = image.pixels
     h, w = pixels.shape[:2]
     dh, dw = dialog.shape[:2]
     frac = float(np.exp(rng.uniform(np.log(0.05), np.log(0.6))))
+    scale = float(rng.uniform(0.6, 1.0))
+    if rng.random() < 0.5 and dw * scale <= w and dh * scale <= h:
+        frac = dw * scale / w
     bw = max(8, int(round(w * frac)))
     bh = max(4, int(round(dh * bw / dw)))
     if bh > h:  # a tall dialog on a wide image: fit the height instead

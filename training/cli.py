@@ -100,7 +100,8 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("check-dicom", help="share of real DICOM classified valid")
     p.add_argument("--onnx", type=Path, required=True)
-    p.add_argument("--pydicom-corpus", action="store_true", help="pydicom's and pydicom-data's files")
+    p.add_argument("--pydicom-corpus", action="store_true",
+                   help="pydicom's and pydicom-data's files, and the demo archive")
     p.add_argument("--json", type=Path, help="write the per-file results here")
     p.add_argument("files", type=Path, nargs="*", help="DICOM files or folders")
     p = sub.add_parser("all", help="dataset, train, evaluate, export")
@@ -222,6 +223,8 @@ def run_train(args, data: Path, run: Path) -> None:
 def run_evaluate(args, data: Path, run: Path) -> dict:
     import keras
 
+    from collections import Counter
+
     import numpy as np
 
     from minipacs import reasons
@@ -242,7 +245,8 @@ def run_evaluate(args, data: Path, run: Path) -> dict:
     history = json.loads(history_file.read_text())["history"] if history_file.exists() else None
     report = write_report(run / "report", data, rows, classes, p_class, threshold, history,
                           {"model": str(run / "model.keras"), "dataset": str(data),
-                           "threshold_from": "option" if args.threshold is not None else "validation split"},
+                           "threshold_from": "option" if args.threshold is not None else "validation split",
+                           "by_construction": dict(Counter(r["proven"] for r in rows if r["proven"]))},
                           reasons.CLASSES)
     log.info("test split: %s", {k: v for k, v in report["test"].items()})
     return report
@@ -293,10 +297,18 @@ def run_export(args, data: Path, run: Path) -> None:
 
 
 def run_check_dicom(onnx_path: Path, files: list[Path], pydicom_corpus: bool, out: Path | None) -> dict:
-    from training.realdicom import pydicom_corpus as corpus, score
+    """The share of real DICOM classified valid; with ``pydicom_corpus`` also the demo archive
+    (its anomalies flagged? any false alarm?)."""
+    from training.realdicom import demo, pydicom_corpus as corpus, score
 
     paths = [f for p in files for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()))]
     result = score(onnx_path, paths + (corpus() if pydicom_corpus else []))
+    if pydicom_corpus:
+        result["demo"] = demo(onnx_path)
+        log.info("demo archive: %d of %d anomalies flagged (%s), %d false alarms in %d images",
+                 result["demo"]["flagged"], len(result["demo"]["anomalies"]),
+                 ", ".join(f"{a['anomaly']} → {a['reason']}" for a in result["demo"]["anomalies"]),
+                 len(result["demo"]["false_alarms"]), result["demo"]["images"])
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))

@@ -419,6 +419,34 @@ def _content_fraction(plane: np.ndarray, modality: str, reference: float) -> flo
     return float(np.mean(plane > 0.1 * reference))
 
 
+def field_of_view(plane: np.ndarray, modality: str, reference: float, rng) -> tuple[np.ndarray, str]:
+    """A third of the slices reconstructed on a smaller field of view (35-80 % of each side, at
+    least 64 acquired pixels, around a point inside the body), as spine, joint, cardiac and
+    zoomed CT series are: views with no body outline, only tissue texture."""
+    if rng.random() >= 1 / 3:
+        return plane, ""
+    h, w = plane.shape
+    inside = np.argwhere(plane > (-500 if modality == "CT" else 0.1 * reference))
+    cy, cx = inside[int(rng.integers(len(inside)))] if len(inside) else (h // 2, w // 2)
+    ch, cw = (int(n * rng.uniform(0.35, 0.8)) for n in (h, w))
+    if min(ch, cw) < 64:  # a few thick slices across: stretched into stripes, not a real series
+        return plane, ""
+    y, x = int(np.clip(cy - ch // 2, 0, h - ch)), int(np.clip(cx - cw // 2, 0, w - cw))
+    return plane[y:y + ch, x:x + cw], f" fov[{y}:{y + ch},{x}:{x + cw}]"
+
+
+def rectangular_fov(values: np.ndarray, rng) -> np.ndarray:
+    """A rectangular field of view: 60-90 % of the rows (or columns) acquired, the rest of the
+    square matrix zero-filled (the data's minimum), as MR stores a reduced phase FOV."""
+    side = max(values.shape)
+    out = np.full((side, side), float(values.min()))
+    keep = max(8, int(side * rng.uniform(0.6, 0.9)))
+    view = values[:keep, :] if rng.random() < 0.5 else values[:, :keep]
+    y, x = (side - view.shape[0]) // 2, (side - view.shape[1]) // 2
+    out[y:y + view.shape[0], x:x + view.shape[1]] = view[:side - y, :side - x]
+    return out
+
+
 def mr_window(values: np.ndarray, rng) -> tuple[float, float] | None:
     """None (render's min–max), a percentile window, or a console's header window whose lower
     end lies below the data, so that the background shows grey rather than black."""
@@ -477,9 +505,12 @@ def volume_images(src: Source, member: str, volume: Volume, group: str, rng,
             plane = np.take(data, index, axis=axis)
             if view != "axial":
                 plane = plane[::-1]  # superior at the top
+            plane, fov = field_of_view(plane, modality, reference, rng)
             natural = max(plane.shape[0] * row_mm, plane.shape[1] * col_mm) / min(row_mm, col_mm)
             sizes = [s for s in MATRIX_SIZES if s <= max(2 * natural, MATRIX_SIZES[0])]
             values = resample(plane, row_mm, col_mm, int(rng.choice(sizes)))
+            if modality != "CT" and rng.random() < 0.25:
+                values, fov = rectangular_fov(values, rng), fov + " rect"
             if modality == "CT":
                 window, label = ct_window(src.region, rng)
             else:
@@ -487,7 +518,7 @@ def volume_images(src: Source, member: str, volume: Volume, group: str, rng,
                 label = "minmax" if window is None else f"p{window[0]:.0f}/{window[1]:.0f}"
             ds = wrap(values, modality, window, rng, f"{view} {label}")
             yield RealImage(group, f"{src.registry}:{src.package}@{src.version}/{member} "
-                                   f"{view}[{index}] {label} {values.shape[1]}x{values.shape[0]}",
+                                   f"{view}[{index}] {label} {values.shape[1]}x{values.shape[0]}{fov}",
                             modality, view, rendered(ds))
     for n in range(n_drr):
         yield drr_image(src, member, volume, group, rng, lateral=(n % 3 == 2), monochrome1=(n % 2 == 1))
@@ -503,7 +534,8 @@ def _collimated_marked(stored: np.ndarray, rng) -> np.ndarray:
     out = stored.astype(np.float64)
     h, w = out.shape
     if rng.random() < 0.5:
-        top, bottom, left, right = (rng.uniform(0, 0.15, 4) * [h, h, w, w]).astype(int)
+        # Up to a third of each side: narrow fields as an extremity or spine film has.
+        top, bottom, left, right = (rng.uniform(0, 0.15, 4) * [h, h, w, w] * rng.uniform(1, 2.3)).astype(int)
         inside = np.zeros_like(out, bool)
         inside[top:h - bottom, left:w - right] = True
         level = 4095.0 * rng.uniform(0.85, 1.0)

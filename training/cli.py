@@ -71,6 +71,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--patience", type=int, default=6, help="early stopping on validation loss")
     g.add_argument("--learning-rate", type=float, default=1e-3)
+    g.add_argument("--ensemble", type=int, default=1, help="train this many networks (seeds SEED, SEED+1, ...) "
+                                                           "and export the mean of their softmaxes")
 
 
 def add_export_options(p: argparse.ArgumentParser) -> None:
@@ -202,22 +204,28 @@ def run_train(args, data: Path, run: Path) -> None:
     import keras
 
     from training.dataset import load_split
-    from training.model import ARCHITECTURES, train
+    from training.model import ARCHITECTURES, ensemble, train
 
-    keras.utils.set_random_seed(args.seed)
     train_data = load_split(data, "train", args.size)[:2]
     validate_data = load_split(data, "validate", args.size)[:2]
-    model = ARCHITECTURES[args.architecture](args.size)
-    model.summary(print_fn=log.info)
-    started = time.perf_counter()
-    history = train(model, train_data, validate_data, args.epochs, args.batch_size, args.patience, args.learning_rate)
+    started, members, histories = time.perf_counter(), [], []
+    for n in range(max(1, args.ensemble)):
+        keras.utils.set_random_seed(args.seed + n)
+        model = ARCHITECTURES[args.architecture](args.size)
+        if not n:
+            model.summary(print_fn=log.info)
+        histories.append(train(model, train_data, validate_data, args.epochs, args.batch_size, args.patience,
+                               args.learning_rate))
+        members.append(model)
+    model = members[0] if len(members) == 1 else ensemble(members)
     seconds = time.perf_counter() - started
     run.mkdir(parents=True, exist_ok=True)
     model.save(run / "model.keras")
-    (run / "history.json").write_text(json.dumps({"history": history, "seconds": seconds,
-                                                  "epochs_run": len(history["loss"]),
+    epochs = [len(h["loss"]) for h in histories]
+    (run / "history.json").write_text(json.dumps({"history": histories[0], "members": histories, "seconds": seconds,
+                                                  "epochs_run": sum(epochs),
                                                   "options": {k: str(v) for k, v in vars(args).items()}}, indent=2))
-    log.info("trained %d epochs in %.0f s; model in %s", len(history["loss"]), seconds, run / "model.keras")
+    log.info("trained %s epochs in %.0f s; model in %s", "+".join(map(str, epochs)), seconds, run / "model.keras")
 
 
 def run_evaluate(args, data: Path, run: Path) -> dict:

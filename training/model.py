@@ -62,6 +62,17 @@ def predecessor(size: int) -> keras.Model:
 ARCHITECTURES = {"minipacs": minipacs, "predecessor": predecessor}
 
 
+def ensemble(members: list[keras.Model]) -> keras.Model:
+    """One model whose softmax is the mean of the members' (``--ensemble N``: the same network
+    trained from N seeds). Averaging steadies the verdict on images near the boundary, where a
+    single network's answer moves from run to run, at N times the scoring cost."""
+    inputs = keras.Input(shape=members[0].input_shape[1:], name="image")
+    for n, member in enumerate(members):
+        member._name = f"member{n}"  # nested models need distinct names
+    outputs = layers.Average(name=CLASS_OUTPUT)([member(inputs) for member in members])
+    return keras.Model(inputs, outputs, name=f"{members[0].name}_ensemble")
+
+
 def with_p_valid(model: keras.Model) -> keras.Model:
     """The model with two outputs, ``p_valid`` (N, 1) then ``p_class``: P(valid) is picked out
     of the softmax by a fixed linear layer (no Lambda, so tf2onnx sees plain MatMul)."""

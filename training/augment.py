@@ -55,10 +55,8 @@ def flip_rotate(image: Valid, rng, cfg: AugmentConfig) -> tuple[np.ndarray, dict
 def zoom(image: Valid, rng, cfg: AugmentConfig) -> tuple[np.ndarray, dict]:
     """Zoom about a random point, under a random window as well."""
     pixels, params = random_window(image, rng, cfg)
+    factor = float(np.exp(rng.uniform(*np.log(cfg.zoom))))
     h, w = pixels.shape[:2]
-    # A crop keeps at least 96 source pixels: closer in, a small matrix is only blur.
-    low, high = cfg.zoom[0], max(cfg.zoom[0], min(cfg.zoom[1], min(h, w) / 96))
-    factor = float(np.exp(rng.uniform(np.log(low), np.log(high))))
     if factor >= 1:
         ch, cw = int(h / factor), int(w / factor)
         y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))

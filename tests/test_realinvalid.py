@@ -114,7 +114,8 @@ def test_dialog_over_changes_only_its_box():
         out, params = realinvalid.dialog_over(image, dialog, np.random.default_rng(seed))
         assert out.shape == image.pixels.shape and out.dtype == np.uint8
         x, y, w, h = params["box"]
-        assert 0.04 * 200 <= w <= 0.6 * 200 + 1 and x + w <= 200 and y + h <= 200
+        # 0.3-1x the dialog's own 240 pixels, within 40 pixels .. 90 % of the image's width
+        assert 0.3 * 240 - 1 <= w <= 0.9 * 200 + 1 and x + w <= 200 and y + h <= 200
         changed = np.argwhere(out != image.pixels)
         assert changed.size
         assert changed[:, 0].min() >= y and changed[:, 0].max() < y + h

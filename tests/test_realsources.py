@@ -99,7 +99,14 @@ drr = [i for i in images if i.view == "drr"]
 assert {i.modality for i in drr} <= {"CR", "DX"} and any(i.valid.inverted for i in drr)
 assert all(i.group == "g" for i in images)
 windows = {i.valid.window for i in images if i.view != "drr"}
-assert windows <= {r.CT_WINDOWS[w] for w in r.REGION_WINDOWS["chest"]} and len(windows) >= 2
+presets = {r.CT_WINDOWS[w] for w in r.REGION_WINDOWS["chest"]}
+assert all(w in presets or 400 <= w[1] <= 4000 for w in windows) and len(windows) >= 2, windows
+# An MR volume also gives mosaics: square, whole tiles of its axial slices.
+mr = r.Source("test", "pypi", "none", "0", "none", "MR", (), "volume", "test")
+mr_images = list(r.volume_images(mr, "block.nii", r.Volume((hu + 1000).astype(np.float32), (5.0, 2.0, 2.0)),
+                                 "g", rng, per_volume=36))
+mosaics = [i.valid.pixels for i in mr_images if i.view == "mosaic"]
+assert len(mosaics) == 3 and all(m.shape[0] == m.shape[1] for m in mosaics), [m.shape for m in mosaics]
 print("ok")
 """)
 

@@ -71,6 +71,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--patience", type=int, default=6, help="early stopping on validation loss")
     g.add_argument("--learning-rate", type=float, default=1e-3)
+    g.add_argument("--ensemble", type=int, default=1, help="train this many networks (seeds SEED, SEED+1, ...) "
+                                                           "and export the mean of their softmaxes")
 
 
 def add_export_options(p: argparse.ArgumentParser) -> None:
@@ -100,7 +102,8 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("check-dicom", help="share of real DICOM classified valid")
     p.add_argument("--onnx", type=Path, required=True)
-    p.add_argument("--pydicom-corpus", action="store_true", help="pydicom's and pydicom-data's files")
+    p.add_argument("--pydicom-corpus", action="store_true",
+                   help="pydicom's and pydicom-data's files, and the demo archive")
     p.add_argument("--json", type=Path, help="write the per-file results here")
     p.add_argument("files", type=Path, nargs="*", help="DICOM files or folders")
     p = sub.add_parser("all", help="dataset, train, evaluate, export")
@@ -201,26 +204,34 @@ def run_train(args, data: Path, run: Path) -> None:
     import keras
 
     from training.dataset import load_split
-    from training.model import ARCHITECTURES, train
+    from training.model import ARCHITECTURES, ensemble, train
 
-    keras.utils.set_random_seed(args.seed)
     train_data = load_split(data, "train", args.size)[:2]
     validate_data = load_split(data, "validate", args.size)[:2]
-    model = ARCHITECTURES[args.architecture](args.size)
-    model.summary(print_fn=log.info)
-    started = time.perf_counter()
-    history = train(model, train_data, validate_data, args.epochs, args.batch_size, args.patience, args.learning_rate)
+    started, members, histories = time.perf_counter(), [], []
+    for n in range(max(1, args.ensemble)):
+        keras.utils.set_random_seed(args.seed + n)
+        model = ARCHITECTURES[args.architecture](args.size)
+        if not n:
+            model.summary(print_fn=log.info)
+        histories.append(train(model, train_data, validate_data, args.epochs, args.batch_size, args.patience,
+                               args.learning_rate))
+        members.append(model)
+    model = members[0] if len(members) == 1 else ensemble(members)
     seconds = time.perf_counter() - started
     run.mkdir(parents=True, exist_ok=True)
     model.save(run / "model.keras")
-    (run / "history.json").write_text(json.dumps({"history": history, "seconds": seconds,
-                                                  "epochs_run": len(history["loss"]),
+    epochs = [len(h["loss"]) for h in histories]
+    (run / "history.json").write_text(json.dumps({"history": histories[0], "members": histories, "seconds": seconds,
+                                                  "epochs_run": sum(epochs),
                                                   "options": {k: str(v) for k, v in vars(args).items()}}, indent=2))
-    log.info("trained %d epochs in %.0f s; model in %s", len(history["loss"]), seconds, run / "model.keras")
+    log.info("trained %s epochs in %.0f s; model in %s", "+".join(map(str, epochs)), seconds, run / "model.keras")
 
 
 def run_evaluate(args, data: Path, run: Path) -> dict:
     import keras
+
+    from collections import Counter
 
     import numpy as np
 
@@ -232,19 +243,34 @@ def run_evaluate(args, data: Path, run: Path) -> dict:
     size = int(model.input_shape[1])
     threshold = args.threshold
     if threshold is None:
-        x, classes, _ = load_split(data, "validate", size)
-        threshold = calibrate((classes == 0).astype(np.float32), model.predict(x, batch_size=128, verbose=0)[:, 0])
+        x, classes, rows = load_split(data, "validate", size)
+        p_valid = with_proven(rows, model.predict(x, batch_size=128, verbose=0))[:, 0]
+        threshold = calibrate((classes == 0).astype(np.float32), p_valid)
         log.info("threshold calibrated on the validation split: %s", threshold)
     x, classes, rows = load_split(data, "test", size)
-    p_class = model.predict(x, batch_size=128, verbose=0)
+    p_class = with_proven(rows, model.predict(x, batch_size=128, verbose=0))
     history_file = run / "history.json"
     history = json.loads(history_file.read_text())["history"] if history_file.exists() else None
     report = write_report(run / "report", data, rows, classes, p_class, threshold, history,
                           {"model": str(run / "model.keras"), "dataset": str(data),
-                           "threshold_from": "option" if args.threshold is not None else "validation split"},
+                           "threshold_from": "option" if args.threshold is not None else "validation split",
+                           "by_construction": dict(Counter(r["proven"] for r in rows if r["proven"]))},
                           reasons.CLASSES)
     log.info("test split: %s", {k: v for k, v in report["test"].items()})
     return report
+
+
+def with_proven(rows: list[dict], p_class):
+    """The softmax as the plugin acts on it: an image ``reasons.by_construction`` proves
+    anomalous (row ``proven``) gets all its probability on that reason, whatever the network said."""
+    from minipacs import reasons
+
+    p_class = p_class.copy()
+    for i, row in enumerate(rows):
+        if row.get("proven"):
+            p_class[i] = 0.0
+            p_class[i, reasons.CLASSES.index(row["proven"])] = 1.0
+    return p_class
 
 
 def chosen_threshold(args, run: Path) -> float:
@@ -279,10 +305,18 @@ def run_export(args, data: Path, run: Path) -> None:
 
 
 def run_check_dicom(onnx_path: Path, files: list[Path], pydicom_corpus: bool, out: Path | None) -> dict:
-    from training.realdicom import pydicom_corpus as corpus, score
+    """The share of real DICOM classified valid; with ``pydicom_corpus`` also the demo archive
+    (its anomalies flagged? any false alarm?)."""
+    from training.realdicom import demo, pydicom_corpus as corpus, score
 
     paths = [f for p in files for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()))]
     result = score(onnx_path, paths + (corpus() if pydicom_corpus else []))
+    if pydicom_corpus:
+        result["demo"] = demo(onnx_path)
+        log.info("demo archive: %d of %d anomalies flagged (%s), %d false alarms in %d images",
+                 result["demo"]["flagged"], len(result["demo"]["anomalies"]),
+                 ", ".join(f"{a['anomaly']} → {a['reason']}" for a in result["demo"]["anomalies"]),
+                 len(result["demo"]["false_alarms"]), result["demo"]["images"])
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))

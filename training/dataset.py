@@ -91,6 +91,21 @@ def assign_splits(groups: list[str], ratios, rng) -> dict[str, str]:
     return {g: "train" if i < cut else "validate" if i < cut + n_val else "test" for i, g in enumerate(groups)}
 
 
+def stratum(group: str) -> str:
+    """The source a split group belongs to: ``registry:package[:source]`` of a real volume or
+    series (its group minus the last field), "" for the synthetic studies and other folders."""
+    return group.rsplit(":", 1)[0] if ":" in group else ""
+
+
+def stratified_splits(groups: list[str], ratios, rng) -> dict[str, str]:
+    """:func:`assign_splits` within each source, so that every source of 3+ volumes or
+    patients (real packages, not only the synthetic studies) has one in the test split."""
+    by_source: dict[str, list[str]] = {}
+    for g in sorted(set(groups)):
+        by_source.setdefault(stratum(g), []).append(g)
+    return {g: split for members in by_source.values() for g, split in assign_splits(members, ratios, rng).items()}
+
+
 class Writer:
     """Writes PNGs into their subfolder and their rows into the manifest, counting per split."""
 
@@ -127,7 +142,7 @@ def build(out: Path, candidates: list[Candidate], load: Callable[[str], Valid | 
         keep = np.linspace(0, len(candidates) - 1, cfg.max_valid).round().astype(int)
         candidates = [candidates[i] for i in keep]
     group = (lambda c: c.patient) if cfg.split_by == "patient" else (lambda c: c.study)
-    split_of = assign_splits([group(c) for c in candidates], cfg.ratios, rng)
+    split_of = stratified_splits([group(c) for c in candidates], cfg.ratios, rng)
     write = Writer(out)
     split_real = {name: assign_splits([g(x) for x in files], cfg.ratios, rng) for name, files, g in (
         ("pictures", real.pictures, lambda p: p.group), ("dialogs", real.dialogs, lambda p: p.name),
@@ -237,8 +252,12 @@ def read_manifest(data: Path) -> list[dict]:
 
 def load_split(data: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """The model input of one split: ``preprocess.batch`` of the PNGs, class indices into
-    ``reasons.CLASSES`` (0 = valid), manifest rows."""
+    ``reasons.CLASSES`` (0 = valid), manifest rows; each row's ``proven`` is what
+    ``reasons.by_construction`` says of the full-size PNG, as the plugin checks it before the
+    network (None or a reason)."""
     rows = [r for r in read_manifest(data) if r["split"] == split]
     images = [picture_pixels(data / r["file"]) for r in tqdm(rows, desc=f"loading {split}", unit="img")]
+    for row, pixels in zip(rows, images):
+        row["proven"] = reasons.by_construction(pixels)
     x = preprocess.batch(images, size) if images else np.zeros((0, size, size, 1), np.float32)
     return x, np.array([reasons.CLASSES.index(r["reason"]) for r in rows], np.int64), rows

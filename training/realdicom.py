@@ -22,6 +22,28 @@ def pydicom_corpus() -> list[Path]:
     return pydicom_test_files() + pydicom_data_files()
 
 
+def demo(onnx_path: Path) -> dict:
+    """The demo archive (``minipacs.demo``: synthetic patients, a deliberate anomaly in most)
+    scored as the plugin scores it: which anomalies are flagged, with what reason, and which
+    normal images are flagged (false alarms)."""
+    from minipacs import demo as archive, synth
+
+    scorer = Scorer(onnx_path)
+    anomalies, false_alarms, images = [], [], 0
+    for ds in synth.generate(archive.PATIENTS, archive.SEED, slices=archive.SLICES, anomalies=archive.ANOMALIES):
+        images += 1
+        score = scorer.score(render.render(ds).pixels)
+        comment = str(ds.get("ImageComments", ""))
+        entry = {"instance": f"{ds.PatientID}/{ds.Modality}/{ds.InstanceNumber}", "reason": score.reason,
+                 "p_valid": round(1 - score.anomaly_score, 4)}
+        if comment.startswith(synth.ANOMALY_COMMENT):
+            anomalies.append({**entry, "anomaly": comment[len(synth.ANOMALY_COMMENT):], "flagged": score.flagged})
+        elif score.flagged:
+            false_alarms.append(entry)
+    return {"images": images, "anomalies": anomalies, "flagged": sum(a["flagged"] for a in anomalies),
+            "false_alarms": false_alarms}
+
+
 def score(onnx_path: Path, files: list[Path]) -> dict:
     scorer = Scorer(onnx_path)
     results = []

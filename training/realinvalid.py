@@ -624,19 +624,23 @@ def _as_mode(rgb: np.ndarray, like: np.ndarray) -> np.ndarray:
 
 
 def dialog_over(image: Valid, dialog: np.ndarray, rng) -> tuple[np.ndarray, dict]:
-    """Reason ``overlay``: a real dialog screenshot burned into a valid image, its width 5-60 %
-    of the image's (log-uniform), at a random place, grey for grey images (and sometimes for
-    colour ones). ``params["box"]`` = [x, y, w, h] is the only region that changes."""
+    """Reason ``overlay``: a real dialog screenshot burned into a valid image at 0.3-1× its
+    screen size (log-uniform), as a screen capture or a burn-in tool leaves it, but no narrower
+    than 5 % of the image's width (or 40 pixels) and no wider than 90 %: so 5-15 % of the side
+    on a large radiograph, most of a 128-pixel matrix. (Fractions of the image alone gave 8×4-pixel
+    "dialogs" on small images, which nobody could see.) At a random place, grey for grey images
+    (and sometimes for colour ones). ``params["box"]`` = [x, y, w, h] is the only region that changes."""
     pixels = image.pixels
     h, w = pixels.shape[:2]
     dh, dw = dialog.shape[:2]
-    frac = float(np.exp(rng.uniform(np.log(0.05), np.log(0.6))))
-    bw = max(8, int(round(w * frac)))
+    scale = float(np.exp(rng.uniform(np.log(0.3), 0.0)))
+    bw = int(round(np.clip(dw * scale, min(max(0.05 * w, 40), 0.9 * w), 0.9 * w)))
     bh = max(4, int(round(dh * bw / dw)))
-    if bh > h:  # a tall dialog on a wide image: fit the height instead
-        bh = h
+    if bh > 0.9 * h:  # a tall dialog on a wide image: fit the height instead
+        bh = max(4, int(0.9 * h))
         bw = max(8, int(round(dw * bh / dh)))
-    bw = min(bw, w)
+    bw = max(8, min(bw, w))
+    frac = bw / w
     resample = [Image.Resampling.LANCZOS, Image.Resampling.BILINEAR, Image.Resampling.NEAREST][int(rng.integers(3))]
     rgb = dialog if dialog.ndim == 3 else np.stack([dialog] * 3, axis=2)
     patch = np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., :3])).resize((bw, bh), resample))

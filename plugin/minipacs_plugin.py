@@ -180,7 +180,7 @@ class MiniPacs:
         if self.models.error:
             log.warning("scoring is off: %s", self.models.error)
         self.sandbox = Sandbox(self.settings, self.model_for_sandbox, config.renderer_memory_mb,
-                               config.renderer_seconds) if config.sandbox else None
+                               config.renderer_seconds, size=config.workers) if config.sandbox else None
         self.worker = Worker(self.process, config.queue_size, config.workers,
                              defer=config.defer_while_storing)
         self.pipeline = Pipeline(self.index, self.settings, self.lookup, self.models,
@@ -230,7 +230,7 @@ class MiniPacs:
             sweep(self.index, config.png_directory, self.started)
         if self.sandbox:
             try:
-                self.sandbox.start(config.workers)
+                self.sandbox.start()
             except Exception as exc:  # storing and indexing go on, without the isolation
                 log.error("the sandboxed renderers cannot start (%s): rendering in Orthanc's "
                           "process instead", exc)

@@ -414,6 +414,9 @@ class Index:
             db = sqlite3.connect(self.path, timeout=30)
             db.execute("PRAGMA foreign_keys = ON")
             db.execute("PRAGMA synchronous = NORMAL")
+            # Temporary tables and sorts in memory: no temporary files in /tmp, which a
+            # read-only container (the Docker image runs so) does not have.
+            db.execute("PRAGMA temp_store = MEMORY")
             self._connections[threading.get_ident()] = db
         return db
 

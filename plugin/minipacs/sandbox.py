@@ -179,23 +179,36 @@ class Sandbox:
     contract (a :data:`minipacs.ingest.Renderer`), each call in a child of its own."""
 
     def __init__(self, settings: Settings, model: Callable[[], dict | None], memory_mb: int,
-                 seconds: float, recycle_mb: float = RECYCLE_MB):
-        self.settings, self.model = settings, model
+                 seconds: float, recycle_mb: float = RECYCLE_MB, size: int = 2):
+        self.settings, self.model, self.size = settings, model, size
         self.memory_mb, self.seconds, self.recycle_mb = memory_mb, seconds, recycle_mb
         self._idle: queue.SimpleQueue[Child] = queue.SimpleQueue()
         self._children: set[Child] = set()
+        self._starting = 0  # children being started, not yet in _children
         self._lock = threading.Lock()
         self.closed = False
         self.deaths = 0
 
     def _child(self) -> Child:
+        """An idle child; a new one while there are fewer than ``size``; else wait for one."""
         try:
             return self._idle.get_nowait()
         except queue.Empty:
-            return self._new_child()
+            pass
+        child = self._new_child()
+        return child if child is not None else self._idle.get()
 
-    def _new_child(self) -> Child:
-        child = Child(self.memory_mb, self.seconds)
+    def _new_child(self) -> Child | None:
+        """A new child, unless ``size`` are alive or starting already."""
+        with self._lock:
+            if len(self._children) + self._starting >= self.size:
+                return None
+            self._starting += 1
+        try:
+            child = Child(self.memory_mb, self.seconds)
+        finally:
+            with self._lock:
+                self._starting -= 1
         with self._lock:
             self._children.add(child)
         return child
@@ -205,12 +218,11 @@ class Sandbox:
             self._children.discard(child)
         child.close()
 
-    def start(self, count: int) -> None:
-        """Start ``count`` children now (one per worker), with the model loaded: the first
+    def start(self) -> None:
+        """Start the children now (``size``, one per worker), with the model loaded: the first
         batches need not wait for them, and an interpreter that cannot run them is found at
         start."""
-        for _ in range(count - self.ready()):
-            child = self._new_child()
+        while (child := self._new_child()) is not None:
             child.run(self.settings, self.model(), [])  # loads the model: not on a first batch
             self._idle.put(child)
 

@@ -163,6 +163,9 @@ def test_the_image_runs_keeps_its_data_and_stops_cleanly(image, capsys):
         assert sent.returncode == 0, sent.stderr
         first.wait_for(165)
         counts = first.json("/minipacs/counts")
+        assert first.json("/minipacs/ingest")["worker"]["renderers"] == 2
+        logs = docker("logs", first.name).stderr + docker("logs", first.name).stdout
+        assert "Traceback" not in logs and "disk I/O error" not in logs, logs[-3000:]
         assert first.stop() == 0, "docker stop must end the container with status 0"
         second = Container(volume)
         try:

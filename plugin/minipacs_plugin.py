@@ -28,7 +28,7 @@ from minipacs.rescore import Rescorer
 from minipacs.routes import Response, Router, json_response
 from minipacs.sandbox import Sandbox
 from minipacs.scoring import ModelSlot, Score
-from minipacs.static import OhifSite
+from minipacs.static import OhifSite, official_plugin
 from minipacs.worker import Pipeline, Worker
 
 
@@ -192,6 +192,7 @@ class MiniPacs:
                              rescorer, lambda: {**orthanc_features(),
                                                 "metadata": self.lookup.scores or self.lookup.reasons,
                                                 "publish": config.publish})
+        self.official_ohif = official_plugin(configuration.get("Plugins", []))
         self.ohif = OhifSite(config.ohif_directory,
                              configuration.get("DicomWeb", {}).get("Root", "/dicom-web/"))
 
@@ -279,8 +280,12 @@ class MiniPacs:
         orthanc.RegisterOnChangeCallback(self.on_change)
         for uri in ("/minipacs", "/minipacs/(.*)"):
             orthanc.RegisterRestCallback(uri, self.on_rest)
-        for uri in ("/ohif", "/ohif/(.*)"):
-            orthanc.RegisterRestCallback(uri, self.on_ohif)
+        if self.official_ohif:
+            log.warning("Orthanc's OHIF plugin (%s) serves /ohif/: minipacs links to it",
+                        self.official_ohif)
+        else:
+            for uri in ("/ohif", "/ohif/(.*)"):
+                orthanc.RegisterRestCallback(uri, self.on_ohif)
         log.warning("minipacs %s: index %s, PNGs in %s", __version__, self.config.database,
                     self.config.png_directory)
 

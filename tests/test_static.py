@@ -149,3 +149,16 @@ def test_an_unreadable_file_is_a_500_not_an_exception(dist, monkeypatch):
         PermissionError(13, "Permission denied")))
     answer = site.handle("GET", "manifest.json")
     assert answer.status == 500 and b"Permission denied" in answer.body
+
+
+def test_orthancs_own_ohif_plugin_is_found_among_the_plugins(tmp_path):
+    """Orthanc's OHIF plugin serves /ohif/ itself: minipacs must leave that route to it."""
+    from minipacs.static import official_plugin
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "libOrthancDicomWeb.so").touch()
+    assert official_plugin([str(folder), "/usr/share/orthanc/plugins/libOrthancPython.so"]) is None
+    (folder / "libOrthancOHIF.so").touch()
+    assert official_plugin([str(folder)]) == str(folder / "libOrthancOHIF.so")
+    assert official_plugin(["/opt/plugins/libOrthancOHIF.so"]) == "/opt/plugins/libOrthancOHIF.so"
+    assert official_plugin([str(tmp_path / "missing")]) is None

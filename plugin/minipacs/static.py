@@ -55,6 +55,21 @@ NOT_INSTALLED = ("OHIF is not installed: {index} does not exist. Run ./minipacs.
                  "MiniPacs.OhifDirectory to the dist/ folder of the npm package @ohif/app.")
 
 
+def official_plugin(plugins: list[str]) -> str | None:
+    """The shared library of Orthanc's own OHIF plugin among Orthanc's ``Plugins`` (files, or
+    folders Orthanc loads every library of), if any: it serves ``/ohif/`` itself, with the same
+    ``viewer?StudyInstanceUIDs=`` links, so minipacs must not register that route too."""
+    for entry in map(Path, plugins):
+        try:
+            candidates = sorted(entry.iterdir()) if entry.is_dir() else [entry]
+        except OSError:  # Orthanc says why it cannot load it
+            continue
+        for library in candidates:
+            if "ohif" in library.name.lower() and library.suffix in (".so", ".dll", ".dylib"):
+                return str(library)
+    return None
+
+
 def content_type(name: str) -> str:
     return CONTENT_TYPES.get(Path(name).suffix.lower(), DEFAULT_CONTENT_TYPE)
 

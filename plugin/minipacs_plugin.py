@@ -18,6 +18,7 @@ import warnings
 import orthanc
 
 from minipacs import __version__
+from minipacs.client import Orthanc as OrthancClient
 from minipacs.config import from_orthanc
 from minipacs.index import WRITE_FAILED, Index
 from minipacs.ingest import Settings
@@ -93,10 +94,23 @@ class Lookup:
     log stay as they are for normal images; ``none`` nothing. Metadata must be declared in
     ``UserMetadata``; labels (Orthanc >= 1.12) mark studies with a flagged image in both modes."""
 
-    def __init__(self, index: Index, publish: str, declared: set[str]):
-        self.index, self.mode = index, publish
+    def __init__(self, index: Index, publish: str, declared: set[str],
+                 revisions: OrthancClient | None = None):
+        self.index, self.mode, self.revisions = index, publish, revisions
         self.scores = publish == "all" and {SCORE_METADATA, FLAG_METADATA} <= declared
         self.reasons = publish != "none" and REASON_METADATA in declared
+
+    def _put(self, uri: str, value: str) -> None:
+        if self.revisions:  # CheckRevisions: over HTTP, which can say If-Match
+            self.revisions.revised("PUT", uri, value.encode())
+        else:
+            orthanc.RestApiPut(uri, value)
+
+    def _delete(self, uri: str) -> None:
+        if self.revisions:
+            self.revisions.revised("DELETE", uri)
+        else:
+            orthanc.RestApiDelete(uri)
 
     def tags(self, instance_id: str) -> dict:
         return rest_get(f"/instances/{instance_id}/simplified-tags")
@@ -113,14 +127,12 @@ class Lookup:
 
     def publish(self, instance_id: str, study_id: str, score: Score, was_flagged: bool) -> None:
         if self.scores:
-            orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{SCORE_METADATA}",
-                               f"{score.anomaly_score:.6f}")
-            orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{FLAG_METADATA}",
-                               "1" if score.flagged else "0")
+            self._put(f"/instances/{instance_id}/metadata/{SCORE_METADATA}", f"{score.anomaly_score:.6f}")
+            self._put(f"/instances/{instance_id}/metadata/{FLAG_METADATA}", "1" if score.flagged else "0")
         if self.reasons and score.flagged and score.reason:
-            orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{REASON_METADATA}", score.reason)
+            self._put(f"/instances/{instance_id}/metadata/{REASON_METADATA}", score.reason)
         elif self.reasons and was_flagged:  # a rescore cleared the flag: so does Orthanc's copy
-            orthanc.RestApiDelete(f"/instances/{instance_id}/metadata/{REASON_METADATA}")
+            self._delete(f"/instances/{instance_id}/metadata/{REASON_METADATA}")
         if self.mode != "none" and (score.flagged or was_flagged):  # else the label cannot change
             self.label(study_id)
 
@@ -138,6 +150,18 @@ class Lookup:
             orthanc.RestApiPut(f"/studies/{study_id}/labels/{FLAG_LABEL}", "")
         elif labelled and not flagged:
             orthanc.RestApiDelete(f"/studies/{study_id}/labels/{FLAG_LABEL}")
+
+
+def revisions_client(configuration: dict) -> OrthancClient | None:
+    """Where Orthanc checks revisions (``CheckRevisions``), a metadata write must say which
+    revision it replaces (``If-Match``), which orthanc-python's in-process calls cannot: those
+    writes go to Orthanc's own HTTP port, with a token Orthanc grants its plugins."""
+    if not configuration.get("CheckRevisions", False):
+        return None
+    scheme = "https" if configuration.get("SslEnabled", False) else "http"
+    client = OrthancClient(f"{scheme}://127.0.0.1:{configuration.get('HttpPort', 8042)}")
+    client.headers["Authorization"] = orthanc.GenerateRestApiAuthorizationToken()
+    return client
 
 
 def answer(output, response: Response) -> None:
@@ -174,7 +198,7 @@ class MiniPacs:
         if wanted - declared:
             log.warning("PublishToOrthanc is %r: declare %s in UserMetadata to see scores in "
                         "Orthanc", config.publish, ", ".join(sorted(wanted - declared)))
-        self.lookup = Lookup(self.index, config.publish, declared)
+        self.lookup = Lookup(self.index, config.publish, declared, revisions_client(configuration))
         self.models = ModelSlot(config.model_path, config.anomaly_threshold)
         self.models.try_load()
         if self.models.error:

@@ -217,3 +217,42 @@ def test_a_study_is_labelled_while_it_has_a_flagged_image(scored):
             assert time.monotonic() < deadline, (number, len(doomed))
             time.sleep(0.2)
     assert labelled_studies(scored) == flagged - {study} and study in scored.json("/studies")
+
+
+def test_check_revisions_is_honoured(tmp_path):
+    """With CheckRevisions (and authentication) on, Orthanc refuses a metadata write over an
+    existing value without If-Match: minipacs sends the revision, so rescoring with another
+    model replaces every published score, and no write is refused."""
+    bright = brightness_model(tmp_path / "bright.onnx", size=16, threshold=0.2, version="bright-0.2")
+    server = OrthancServer(tmp_path / "orthanc", CheckRevisions=True, AuthenticationEnabled=True,
+                           RegisteredUsers={"alice": "secret"})
+    server.config["MiniPacs"].update(ModelPath=str(bright), PublishToOrthanc="all")
+    server.session.auth = ("alice", "secret")
+    server.start()
+    try:
+        for ds in synth.generate(1, seed=3, size=128, slices=4, anomalies=1.0):
+            assert server.upload(synth.encode(ds)).status_code == 200
+        server.wait_for_ingest()
+        first = server.json("/minipacs/images?limit=1000")["items"]
+        sample = first[0]["OrthancID"]
+        refused = server.session.put(f"{server.url}/instances/{sample}/metadata/MiniPacsFlagged", data="x")
+        assert refused.status_code == 409, "Orthanc checks revisions"
+        strict = reason_model(tmp_path / "strict.onnx", {"picture": -10.0, "overlay": 10.0},
+                              {"picture": 5.0, "overlay": -5.0}, size=16, threshold=0.999, version="strict")
+        assert server.session.post(server.url + "/minipacs/model/reload",
+                                   json={"Path": str(strict)}).status_code == 200
+        assert server.session.post(server.url + "/minipacs/rescore").status_code == 200
+        deadline = time.monotonic() + 60
+        while (progress := server.json("/minipacs/rescore"))["State"] == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert progress["State"] == "done" and progress["Failed"] == 0, progress
+        for image in server.json("/minipacs/images?limit=1000")["items"]:
+            assert image["Flagged"]
+            score = server.get(f"/instances/{image['OrthancID']}/metadata/MiniPacsAnomalyScore").text
+            assert float(score) == pytest.approx(image["AnomalyScore"], abs=1e-6)
+            assert server.get(f"/instances/{image['OrthancID']}/metadata/MiniPacsFlagged").text == "1"
+            reason = server.get(f"/instances/{image['OrthancID']}/metadata/MiniPacsAnomalyReason").text
+            assert reason == image["AnomalyReason"]
+    finally:
+        server.stop()

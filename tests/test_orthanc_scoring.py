@@ -168,13 +168,7 @@ def test_by_default_orthanc_shows_only_the_flags(tmp_path):
         kinds = [c["ChangeType"] for c in changes(server)]
         assert kinds.count("UpdatedMetadata") == len(flagged), "one change per flagged image only"
         lenient = brightness_model(tmp_path / "lenient.onnx", size=16, threshold=0.0, version="lenient")
-        assert server.session.post(server.url + "/minipacs/model/reload",
-                                   json={"Path": str(lenient)}).status_code == 200
-        assert server.session.post(server.url + "/minipacs/rescore").status_code == 200
-        deadline = time.monotonic() + 60
-        while (progress := server.json("/minipacs/rescore"))["State"] == "running":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        progress = rescore(server, lenient)
         assert progress["State"] == "done" and progress["Failed"] == 0
         still = [i for i in server.json("/minipacs/images?limit=1000")["items"] if i["Flagged"]]
         cleared = [i for i in flagged if i["SOPInstanceUID"] not in {s["SOPInstanceUID"] for s in still}]
@@ -239,13 +233,7 @@ def test_check_revisions_is_honoured(tmp_path):
         assert refused.status_code == 409, "Orthanc checks revisions"
         strict = reason_model(tmp_path / "strict.onnx", {"picture": -10.0, "overlay": 10.0},
                               {"picture": 5.0, "overlay": -5.0}, size=16, threshold=0.999, version="strict")
-        assert server.session.post(server.url + "/minipacs/model/reload",
-                                   json={"Path": str(strict)}).status_code == 200
-        assert server.session.post(server.url + "/minipacs/rescore").status_code == 200
-        deadline = time.monotonic() + 60
-        while (progress := server.json("/minipacs/rescore"))["State"] == "running":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        progress = rescore(server, strict)
         assert progress["State"] == "done" and progress["Failed"] == 0, progress
         for image in server.json("/minipacs/images?limit=1000")["items"]:
             assert image["Flagged"]

@@ -11,6 +11,13 @@ from orthanc_server import OrthancServer
 FLAG_LABEL = "minipacs-flagged"  # what users filter on in Orthanc Explorer 2 and /tools/find
 
 
+def store_study(server, slices: int = 6) -> None:
+    """One synthetic patient, its anomalies included, stored and ingested."""
+    for ds in synth.generate(1, seed=3, size=128, slices=slices, anomalies=1.0):
+        assert server.upload(synth.encode(ds)).status_code == 200
+    server.wait_for_ingest()
+
+
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     work = tmp_path_factory.mktemp("scored")
@@ -19,9 +26,7 @@ def scored(tmp_path_factory):
     server.config["MiniPacs"].update(ModelPath=str(model), PublishToOrthanc="all")
     server.start()
     try:
-        for ds in synth.generate(1, seed=3, size=128, slices=6, anomalies=1.0):
-            assert server.upload(synth.encode(ds)).status_code == 200
-        server.wait_for_ingest()
+        store_study(server)
         server.work = work
         yield server
     finally:
@@ -155,9 +160,7 @@ def test_by_default_orthanc_shows_only_the_flags(tmp_path):
     server.config["MiniPacs"]["ModelPath"] = str(model)
     server.start()
     try:
-        for ds in synth.generate(1, seed=3, size=128, slices=6, anomalies=1.0):
-            assert server.upload(synth.encode(ds)).status_code == 200
-        server.wait_for_ingest()
+        store_study(server)
         images = server.json("/minipacs/images?limit=1000")["items"]
         flagged = [i for i in images if i["Flagged"]]
         assert flagged and len(flagged) < len(images)
@@ -224,9 +227,7 @@ def test_check_revisions_is_honoured(tmp_path):
     server.session.auth = ("alice", "secret")
     server.start()
     try:
-        for ds in synth.generate(1, seed=3, size=128, slices=4, anomalies=1.0):
-            assert server.upload(synth.encode(ds)).status_code == 200
-        server.wait_for_ingest()
+        store_study(server, slices=4)
         first = server.json("/minipacs/images?limit=1000")["items"]
         sample = first[0]["OrthancID"]
         refused = server.session.put(f"{server.url}/instances/{sample}/metadata/MiniPacsFlagged", data="x")

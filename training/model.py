@@ -66,10 +66,11 @@ def ensemble(members: list[keras.Model]) -> keras.Model:
     """One model whose softmax is the mean of the members' (``--ensemble N``: the same network
     trained from N seeds). Averaging steadies the verdict on images near the boundary, where a
     single network's answer moves from run to run, at N times the scoring cost."""
-    inputs = keras.Input(shape=members[0].input_shape[1:], name="image")
-    for n, member in enumerate(members):
-        member._name = f"member{n}"  # nested models need distinct names
-    outputs = layers.Average(name=CLASS_OUTPUT)([member(inputs) for member in members])
+    inputs = keras.Input(shape=members[0].inputs[0].shape[1:], name="image")
+    # Nested models need distinct names: each member under a name of its own (Keras 2 and 3).
+    renamed = [keras.Model(member.inputs, member.outputs, name=f"member{n}")
+               for n, member in enumerate(members)]
+    outputs = layers.Average(name=CLASS_OUTPUT)([member(inputs) for member in renamed])
     return keras.Model(inputs, outputs, name=f"{members[0].name}_ensemble")
 
 

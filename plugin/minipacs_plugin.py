@@ -7,12 +7,14 @@ minipacs cannot start (a bad configuration, an unreadable index), Orthanc still 
 ``/minipacs`` then answers 503 with the reason, and the index catches up once it is fixed.
 """
 
+import contextlib
 import functools
 import json
 import logging
 import sys
 import threading
 import time
+import urllib.error
 import warnings
 
 import orthanc
@@ -88,11 +90,12 @@ def orthanc_features() -> dict:
 class Lookup:
     """Orthanc, asked from the worker threads only (never from a store callback).
 
-    ``publish`` is what scores Orthanc itself shows (``MiniPacs.PublishToOrthanc``): ``all``
-    writes every image's score and flag as instance metadata (two change-log entries per
-    instance); ``flagged`` only a flagged image's reason, one write, so Orthanc's API and change
-    log stay as they are for normal images; ``none`` nothing. Metadata must be declared in
-    ``UserMetadata``; labels (Orthanc >= 1.12) mark studies with a flagged image in both modes."""
+    ``publish`` is what scores Orthanc itself shows (``MiniPacs.PublishToOrthanc``): ``none``
+    (the default) nothing, so Orthanc's API and change log are bare Orthanc's; ``flagged`` a
+    flagged image's reason, one write; ``all`` every image's score and flag too (two change-log
+    entries per instance). Metadata must be declared in ``UserMetadata``; labels (Orthanc >= 1.12)
+    mark studies with a flagged image in both publishing modes. Writes to an instance deleted
+    meanwhile are dropped quietly."""
 
     def __init__(self, index: Index, publish: str, declared: set[str],
                  revisions: OrthancClient | None = None):
@@ -101,16 +104,18 @@ class Lookup:
         self.reasons = publish != "none" and REASON_METADATA in declared
 
     def _put(self, uri: str, value: str) -> None:
-        if self.revisions:  # CheckRevisions: over HTTP, which can say If-Match
-            self.revisions.revised("PUT", uri, value.encode())
-        else:
-            orthanc.RestApiPut(uri, value)
+        with gone_quietly():
+            if self.revisions:  # CheckRevisions: over HTTP, which can say If-Match
+                self.revisions.revised("PUT", uri, value.encode())
+            else:
+                orthanc.RestApiPut(uri, value)
 
     def _delete(self, uri: str) -> None:
-        if self.revisions:
-            self.revisions.revised("DELETE", uri)
-        else:
-            orthanc.RestApiDelete(uri)
+        with gone_quietly():
+            if self.revisions:
+                self.revisions.revised("DELETE", uri)
+            else:
+                orthanc.RestApiDelete(uri)
 
     def tags(self, instance_id: str) -> dict:
         return rest_get(f"/instances/{instance_id}/simplified-tags")
@@ -150,6 +155,20 @@ class Lookup:
             orthanc.RestApiPut(f"/studies/{study_id}/labels/{FLAG_LABEL}", "")
         elif labelled and not flagged:
             orthanc.RestApiDelete(f"/studies/{study_id}/labels/{FLAG_LABEL}")
+
+
+@contextlib.contextmanager
+def gone_quietly():
+    """A write to an instance Orthanc deleted meanwhile (a client emptying Orthanc right after
+    storing): nothing to publish, and nothing to alarm an operator with."""
+    try:
+        yield
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise
+    except orthanc.OrthancException as exc:
+        if exc.args[:1] != (orthanc.ErrorCode.UNKNOWN_RESOURCE,):
+            raise
 
 
 def revisions_client(configuration: dict) -> OrthancClient | None:

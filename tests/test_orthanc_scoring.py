@@ -151,13 +151,32 @@ def changes(server) -> list[dict]:
             return found
 
 
-def test_by_default_orthanc_shows_only_the_flags(tmp_path):
-    """PublishToOrthanc "flagged" (the default): normal images keep Orthanc's own metadata and
-    change log; a flagged image gets one write (its reason); a rescore that clears a flag
-    deletes it."""
+def test_by_default_orthanc_shows_what_bare_orthanc_shows(tmp_path):
+    """PublishToOrthanc "none" (the default): scoring, flags included, adds no metadata and no
+    change to Orthanc's own API (Orthanc's integration suite passes as on bare Orthanc)."""
     model = brightness_model(tmp_path / "bright.onnx", size=16, threshold=0.2, version="bright-0.2")
     server = OrthancServer(tmp_path / "orthanc")
     server.config["MiniPacs"]["ModelPath"] = str(model)
+    server.start()
+    try:
+        store_study(server)
+        images = server.json("/minipacs/images?limit=1000")["items"]
+        assert any(i["Flagged"] for i in images)
+        for image in images:
+            names = server.json(f"/instances/{image['OrthancID']}/metadata")
+            assert not [name for name in names if name.startswith("MiniPacs")], image
+        assert "UpdatedMetadata" not in {c["ChangeType"] for c in changes(server)}
+        assert server.json("/minipacs/")["orthanc"]["publish"] == "none"
+    finally:
+        server.stop()
+
+
+def test_publishing_the_flags_only(tmp_path):
+    """PublishToOrthanc "flagged": normal images keep Orthanc's own metadata and change log; a
+    flagged image gets one write (its reason); a rescore that clears a flag deletes it."""
+    model = brightness_model(tmp_path / "bright.onnx", size=16, threshold=0.2, version="bright-0.2")
+    server = OrthancServer(tmp_path / "orthanc")
+    server.config["MiniPacs"].update(ModelPath=str(model), PublishToOrthanc="flagged")
     server.start()
     try:
         store_study(server)

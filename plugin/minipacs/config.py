@@ -54,7 +54,7 @@ _DEFAULTS: dict[str, Any] = {
     "RendererMemoryLimit": 2048,  # MB of address space a renderer may add to what it maps at start
     "RendererTimeLimit": 60,  # seconds (wall and CPU) a renderer may spend on one instance
     "MaxAttempts": 3,  # renderings that never finished before an instance is given up
-    "PublishToOrthanc": "flagged",  # which scores become Orthanc metadata: none, flagged, all
+    "PublishToOrthanc": "none",  # which scores become Orthanc metadata: none, flagged, all
 }
 PUBLISH_MODES = ("none", "flagged", "all")
 

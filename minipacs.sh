@@ -6,8 +6,6 @@
 #   ./minipacs.sh train [args]           offline training of the anomaly model (python -m training --help)
 #   ./minipacs.sh bench                  the benchmarks in bench/ (results in bench/results/)
 #   ./minipacs.sh setup [--dev]          only install (apt packages, .venv, OHIF); --dev adds test tools
-#   ./minipacs.sh integration [pytest args]  the tests of what differs between Debian releases
-#                                        (no browser): what .ci/other-release runs in a container
 # Re-running is fast: apt and pip run only when something is missing or requirements changed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,13 +21,6 @@ APT_TRAIN_PACKAGES=(xvfb zenity xdotool x11-apps x11-utils python3-tk openbox tw
                     xfonts-75dpi fonts-dejavu-core fonts-liberation)
 # OHIF 3, served at /ohif/: the npm package @ohif/app ships the built viewer in dist/.
 OHIF_VERSION=3.13.2
-# The tests of what differs between Debian releases: Orthanc, orthanc-python, Python, DCMTK,
-# TensorFlow (training/requirements.txt), the packages the training catalogues fetch, and the
-# README's start command (it installs OHIF).
-INTEGRATION_TESTS=(tests/test_orthanc.py tests/test_orthanc_scoring.py tests/test_routes.py
-                   tests/test_ingest_and_index.py tests/test_sandbox.py tests/test_render_parity.py
-                   tests/test_training.py tests/test_realsources.py
-                   tests/test_start.py)
 OHIF=$ROOT/.ohif
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
@@ -150,14 +141,6 @@ case "${1:-}" in
     install_apt --train
     install_training_venv
     PYTHONPATH="$ROOT/plugin:$ROOT" exec "$TRAIN_VENV/bin/python" -m training "$@"
-    ;;
-  integration)
-    shift
-    install_apt --train
-    install_venv --dev
-    install_training_venv
-    orthanc_env
-    exec "$VENV/bin/python" -m pytest "${INTEGRATION_TESTS[@]}" "$@"
     ;;
   bench)
     shift

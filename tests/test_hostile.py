@@ -140,8 +140,8 @@ def test_deletions_during_ingest_never_resurrect_rows(tmp_path):
         for study in server.json("/studies")[::2]:  # while the worker is rendering them
             server.session.delete(f"{server.url}/studies/{study}").raise_for_status()
         server.wait_for_ingest()
-        time.sleep(1)  # Orthanc's DELETED changes come from its change thread
-        assert same_as_orthanc(server)
+        # Orthanc's DELETED changes come from its change thread, a little after the deletions.
+        wait_until(lambda: same_as_orthanc(server), 30, "the index equal to Orthanc's instances")
         worker = server.json("/minipacs/ingest")["worker"]
         assert worker["failed"] == 0 and "Unknown resource" not in server.log_path.read_text()
         assert server.json("/minipacs/studies/count")["count"] == len(server.json("/studies"))

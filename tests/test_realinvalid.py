@@ -6,7 +6,6 @@ tests/test_realinvalid.py``); the fetch needs apt-get and the Debian archive, th
 
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

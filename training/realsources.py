@@ -17,7 +17,6 @@ import fnmatch
 import functools
 import gzip
 import hashlib
-import io
 import re
 import shutil
 import subprocess
@@ -475,7 +474,7 @@ def volume_images(src: Source, member: str, volume: Volume, group: str, rng,
                   per_volume: int) -> Iterator[RealImage]:
     """Slices in the three planes (square pixels, several matrix sizes, several windows),
     leaving out the near-empty ends; and, for CT with ``src.drr``, reconstructed radiographs."""
-    data, (sz, sy, sx) = volume.data, volume.spacing
+    data, (_, sy, sx) = volume.data, volume.spacing
     modality = src.modality
     reference = float(np.percentile(data, 99)) if modality != "CT" else 0.0
     planes = []  # (view, index, row_mm, col_mm)
@@ -553,7 +552,7 @@ def _collimated_marked(stored: np.ndarray, rng) -> np.ndarray:
 def mosaic_image(src: Source, member: str, volume: Volume, group: str, rng) -> RealImage:
     """A run of axial slices tiled row by row into one square image, each slice on a small
     matrix (64–128), the unused tiles left at the background, as scanners store mosaics."""
-    data, (sz, sy, sx) = volume.data, volume.spacing
+    data, (_, sy, sx) = volume.data, volume.spacing
     count = int(rng.integers(6, min(data.shape[0], 64) + 1))
     first = int(rng.integers(0, data.shape[0] - count + 1))
     tile = int(rng.choice((64, 80, 96, 128)))
@@ -576,7 +575,7 @@ def drr_image(src: Source, member: str, volume: Volume, group: str, rng, lateral
     """A digitally reconstructed radiograph: HU → linear attenuation, summed along the beam
     (Beer–Lambert: the detector sees I0·exp(−∫μ)), Poisson detector noise, log again, a little
     blur, 12-bit stored values as CR or DX, MONOCHROME2 or its inverted MONOCHROME1 twin."""
-    data, (sz, sy, sx) = volume.data, volume.spacing
+    data, (_, sy, sx) = volume.data, volume.spacing
     # Another patient position: part of the z range, the body turned a little about its axis.
     keep = max(8, int(data.shape[0] * rng.uniform(0.6, 1.0)))
     first = int(rng.integers(0, data.shape[0] - keep + 1))

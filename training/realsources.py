@@ -474,7 +474,7 @@ def volume_images(src: Source, member: str, volume: Volume, group: str, rng,
                   per_volume: int) -> Iterator[RealImage]:
     """Slices in the three planes (square pixels, several matrix sizes, several windows),
     leaving out the near-empty ends; and, for CT with ``src.drr``, reconstructed radiographs."""
-    data, (_, sy, sx) = volume.data, volume.spacing
+    data, (sz, sy, sx) = volume.data, volume.spacing
     modality = src.modality
     reference = float(np.percentile(data, 99)) if modality != "CT" else 0.0
     planes = []  # (view, index, row_mm, col_mm)
@@ -575,7 +575,7 @@ def drr_image(src: Source, member: str, volume: Volume, group: str, rng, lateral
     """A digitally reconstructed radiograph: HU → linear attenuation, summed along the beam
     (Beer–Lambert: the detector sees I0·exp(−∫μ)), Poisson detector noise, log again, a little
     blur, 12-bit stored values as CR or DX, MONOCHROME2 or its inverted MONOCHROME1 twin."""
-    data, (_, sy, sx) = volume.data, volume.spacing
+    data, (sz, sy, sx) = volume.data, volume.spacing
     # Another patient position: part of the z range, the body turned a little about its axis.
     keep = max(8, int(data.shape[0] * rng.uniform(0.6, 1.0)))
     first = int(rng.integers(0, data.shape[0] - keep + 1))

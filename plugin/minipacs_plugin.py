@@ -150,11 +150,12 @@ class Lookup:
         flagged = self.index.study_flagged(study_id)
         if flagged is None:
             return
-        labelled = FLAG_LABEL in rest_get(f"/studies/{study_id}/labels")
-        if flagged and not labelled:
-            orthanc.RestApiPut(f"/studies/{study_id}/labels/{FLAG_LABEL}", "")
-        elif labelled and not flagged:
-            orthanc.RestApiDelete(f"/studies/{study_id}/labels/{FLAG_LABEL}")
+        with gone_quietly():  # the study deleted meanwhile (its instances' DELETED come later)
+            labelled = FLAG_LABEL in rest_get(f"/studies/{study_id}/labels")
+            if flagged and not labelled:
+                orthanc.RestApiPut(f"/studies/{study_id}/labels/{FLAG_LABEL}", "")
+            elif labelled and not flagged:
+                orthanc.RestApiDelete(f"/studies/{study_id}/labels/{FLAG_LABEL}")
 
 
 @contextlib.contextmanager
@@ -296,7 +297,7 @@ class MiniPacs:
             study = self.index.study_of(LEVELS[level], resource_id)
             remove(self.index, self.config.png_directory, LEVELS[level], resource_id,
                    self.pipeline.deletions)
-            if study is not None:  # its last flagged image may be gone
+            if study is not None and self.lookup.mode != "none":  # its last flagged image may be gone
                 try:
                     self.lookup.label(study)
                 except Exception:  # the label is a convenience; the index has the flags

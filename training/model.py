@@ -68,7 +68,7 @@ def ensemble(members: list[keras.Model]) -> keras.Model:
     single network's answer moves from run to run, at N times the scoring cost."""
     inputs = keras.Input(shape=members[0].inputs[0].shape[1:], name="image")
     # Nested models need distinct names: each member under a name of its own (Keras 2 and 3).
-    renamed = [keras.Model(member.inputs, member.outputs, name=f"member{n}")
+    renamed = [keras.Model(member.inputs[0], member.outputs[0], name=f"member{n}")
                for n, member in enumerate(members)]
     outputs = layers.Average(name=CLASS_OUTPUT)([member(inputs) for member in renamed])
     return keras.Model(inputs, outputs, name=f"{members[0].name}_ensemble")

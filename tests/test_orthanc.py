@@ -200,6 +200,12 @@ def test_a_burst_of_stores_is_rendered_after_it(tmp_path):
     server.config["MiniPacs"]["DeferWhileStoring"] = 30
     server.start()
     try:
+        # The renderers start with Orthanc (model loaded): a burst sent before they are up
+        # would be over before a worker could defer.
+        deadline = time.monotonic() + 60
+        while server.json("/minipacs/ingest")["worker"]["renderers"] < 2:
+            assert time.monotonic() < deadline, "renderers not started"
+            time.sleep(0.1)
         with ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(lambda data: requests.post(server.url + "/instances", data=data,
                                                              timeout=30).status_code, files))

@@ -28,6 +28,7 @@ from minipacs.reconcile import reconcile, remove, sweep
 from minipacs.orthanc_ids import OrthancIds
 from minipacs.render import image_array
 from minipacs.rescore import Rescorer
+from minipacs.reviews import reviewer_from
 from minipacs.routes import Response, Router, json_response
 from minipacs.sandbox import Sandbox
 from minipacs.scoring import ModelSlot, Score
@@ -236,6 +237,10 @@ class MiniPacs:
                              rescorer, lambda: {**orthanc_features(),
                                                 "metadata": self.lookup.scores or self.lookup.reasons,
                                                 "publish": config.publish})
+        # Orthanc checks the HTTP Basic user only with authentication on (its default: on
+        # where remote access is allowed); otherwise the header is anyone's claim.
+        self.authenticated = configuration.get("AuthenticationEnabled",
+                                               configuration.get("RemoteAccessAllowed", False)) is True
         self.official_ohif = official_plugin(configuration.get("Plugins", []))
         self.ohif = OhifSite(config.ohif_directory,
                              configuration.get("DicomWeb", {}).get("Root", "/dicom-web/"))
@@ -312,8 +317,9 @@ class MiniPacs:
 
     def on_rest(self, output, uri, **request) -> None:
         groups = request.get("groups") or ("",)
+        user = reviewer_from(request.get("headers") or {}, self.authenticated)
         answer(output, self.router.handle(request["method"], groups[0], request.get("get") or {},
-                                          request.get("body") or b""))
+                                          request.get("body") or b"", user))
 
     def on_ohif(self, output, uri, **request) -> None:
         groups = request.get("groups") or ("",)

@@ -23,6 +23,7 @@ from minipacs import __version__
 from minipacs.client import Orthanc as OrthancClient
 from minipacs.config import from_orthanc
 from minipacs.index import WRITE_FAILED, Index
+from minipacs.kos import KeyObjects
 from minipacs.ingest import Settings
 from minipacs.reconcile import reconcile, remove, sweep
 from minipacs.orthanc_ids import OrthancIds
@@ -99,8 +100,9 @@ class Lookup:
     meanwhile are dropped quietly."""
 
     def __init__(self, index: Index, publish: str, declared: set[str],
-                 revisions: OrthancClient | None = None):
+                 revisions: OrthancClient | None = None, key_objects: KeyObjects | None = None):
         self.index, self.mode, self.revisions = index, publish, revisions
+        self.key_objects = key_objects if key_objects is not None and key_objects.automatic else None
         self.scores = publish == "all" and {SCORE_METADATA, FLAG_METADATA} <= declared
         self.reasons = publish != "none" and REASON_METADATA in declared
 
@@ -141,6 +143,8 @@ class Lookup:
             self._delete(f"/instances/{instance_id}/metadata/{REASON_METADATA}")
         if self.mode != "none" and (score.flagged or was_flagged):  # else the label cannot change
             self.label(study_id)
+        if self.key_objects is not None and (score.flagged or was_flagged):
+            self.key_objects.update(study_id)
 
     def label(self, study_id: str) -> None:
         """Give the study the flag label while the index holds a flagged image of it, and take it
@@ -157,6 +161,16 @@ class Lookup:
                 orthanc.RestApiPut(f"/studies/{study_id}/labels/{FLAG_LABEL}", "")
             elif labelled and not flagged:
                 orthanc.RestApiDelete(f"/studies/{study_id}/labels/{FLAG_LABEL}")
+
+
+def store_instance(data: bytes) -> str:
+    """Store a DICOM file minipacs wrote (a KOS) in Orthanc; its Orthanc ID."""
+    return json.loads(orthanc.RestApiPost("/instances", data))["ID"]
+
+
+def delete_instance(instance_id: str) -> None:
+    with gone_quietly():  # deleted meanwhile, by hand or with its study
+        orthanc.RestApiDelete(f"/instances/{instance_id}")
 
 
 @contextlib.contextmanager
@@ -219,7 +233,10 @@ class MiniPacs:
         if wanted - declared:
             log.warning("PublishToOrthanc is %r: declare %s in UserMetadata to see scores in "
                         "Orthanc", config.publish, ", ".join(sorted(wanted - declared)))
-        self.lookup = Lookup(self.index, config.publish, declared, revisions_client(configuration))
+        self.key_objects = KeyObjects(self.index, store_instance, delete_instance,
+                                      lambda study: rest_get(f"/studies/{study}"), config.automatic_key_objects)
+        self.lookup = Lookup(self.index, config.publish, declared, revisions_client(configuration),
+                             self.key_objects)
         self.models = ModelSlot(config.model_path, config.anomaly_threshold)
         self.models.try_load()
         if self.models.error:
@@ -236,7 +253,7 @@ class MiniPacs:
         self.router = Router(self.index, config.png_directory, self.ingest_stats, self.models,
                              rescorer, lambda: {**orthanc_features(),
                                                 "metadata": self.lookup.scores or self.lookup.reasons,
-                                                "publish": config.publish})
+                                                "publish": config.publish}, self.key_objects)
         # Orthanc checks the HTTP Basic user only with authentication on (its default: on
         # where remote access is allowed); otherwise the header is anyone's claim.
         self.authenticated = configuration.get("AuthenticationEnabled",

@@ -84,7 +84,14 @@ SCHEMAS = {
                             OrthancID=_STRING, StudyInstanceUID=_STRING, Flagged={"type": ["boolean", "null"]},
                             AnomalyReason=_STRING_OR_NULL, ModelVersion=_STRING_OR_NULL,
                             Current={"oneOf": [{"$ref": "#/components/schemas/Review"}, {"type": "null"}]},
-                            History={"type": "array", "items": {"$ref": "#/components/schemas/Review"}}),
+                            History={"type": "array", "items": {"$ref": "#/components/schemas/Review"}},
+                            KeyObject={"oneOf": [{"$ref": "#/components/schemas/KeyObject"}, {"type": "null"}]},
+                            KeyObjectError=_STRING),
+    # The study's Key Object Selection document ("Rejected for Quality Reasons"): OrthancID and
+    # SOPInstanceUID are null where nothing is left to list (the previous one is deleted).
+    "KeyObject": _object(["OrthancID", "SOPInstanceUID"], StudyInstanceUID=_STRING,
+                         OrthancID=_STRING_OR_NULL, SOPInstanceUID=_STRING_OR_NULL, CreatedAt=_STRING_OR_NULL,
+                         Instances={"type": "array", "items": _STRING}, Replaced=_STRING_OR_NULL),
     "ReviewedImage": {"allOf": [{"$ref": "#/components/schemas/Image"}, _object(["Review"], Review={
         "oneOf": [{"$ref": "#/components/schemas/Review"}, {"type": "null"}]})]},
     "Progress": _object(["State"], State={"enum": ["idle", "running", "done", "failed"]},
@@ -198,6 +205,12 @@ def document() -> dict:
                 "description": "whether the verdict agrees with the image's flag now"}]),
         "/minipacs/studies/{uid}/summary": _operation("Images, flagged, max score", _ref("Summary"),
                                                       parameters=[_uid()]),
+        "/minipacs/studies/{uid}/kos": {
+            **_operation("The study's Key Object Selection document made by minipacs", _ref("KeyObject"),
+                         parameters=[_uid()]),
+            **_operation("Write the study's KOS (Rejected for Quality Reasons) anew: its flagged, "
+                         "confirmed and reported images, not the dismissed; replaces the previous one",
+                         _ref("KeyObject"), parameters=[_uid()], method="post")},
         "/minipacs/series/{uid}/summary": _operation("Images, flagged, max score", _ref("Summary"),
                                                      parameters=[_uid()]),
     }

@@ -158,6 +158,8 @@ def page(index: idx.Index, query: Mapping[str, str], limit: int, offset: int,
     else:
         source, order, select = "images i", "i.anomaly_score DESC, i.orthanc_id", "i.item"
         clauses[:0] = ["i.flagged = 1", UNREVIEWED]
+        if any(query.get(key) for key in ("verdict", "reason", "agrees")):
+            clauses.append("1 = 0")  # a filter of reviews: no unreviewed image has one
     where = " AND ".join(clauses)
     db = index._connection()
     total = db.execute(f"SELECT count(*) FROM {source} WHERE {where}", tuple(args)).fetchone()[0]
@@ -188,10 +190,10 @@ def rejected(index: idx.Index, study_orthanc_id: str) -> list[dict[str, Any]]:
     or found invalid by a reviewer (a confirmed flag, a reported miss); with the identifiers a
     KOS references them by."""
     rows = index._connection().execute(
-        """SELECT i.sop_uid, i.sop_class_uid, i.series_uid, i.orthanc_id FROM images i
+        """SELECT i.sop_uid, i.sop_class_uid, i.series_uid, i.orthanc_id, i.status FROM images i
            JOIN series se ON se.orthanc_id = i.series
            LEFT JOIN reviews r ON r.image = i.orthanc_id AND r.latest = 1
            WHERE se.study = ? AND (r.verdict = 'invalid' OR (r.verdict IS NULL AND i.flagged = 1))
            ORDER BY i.series_uid, i.instance_number, i.sop_uid""", (study_orthanc_id,)).fetchall()
-    return [dict(zip(("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "OrthancID"), row))
+    return [dict(zip(("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "OrthancID", "Status"), row))
             for row in rows]

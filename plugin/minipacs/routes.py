@@ -18,6 +18,7 @@ from . import index as idx
 from . import openapi
 from . import reasons
 from . import reviews
+from .kos import KeyObjects
 from .rescore import Busy, Rescorer
 from .scoring import ModelError, ModelSlot
 
@@ -102,13 +103,15 @@ class Router:
     def __init__(self, index: idx.Index, png_directory: Path,
                  ingest_stats: Callable[[], dict[str, Any]],
                  models: ModelSlot | None = None, rescorer: Rescorer | None = None,
-                 orthanc_features: Callable[[], dict[str, Any]] = dict):
+                 orthanc_features: Callable[[], dict[str, Any]] = dict,
+                 key_objects: KeyObjects | None = None):
         self.index = index
         self.png_directory = Path(png_directory)
         self.ingest_stats = ingest_stats
         self.models = models or ModelSlot(None)
         self.rescorer = rescorer
         self.orthanc_features = orthanc_features
+        self.key_objects = key_objects
         level_routes = [
             ("patients", "patient", idx.PATIENTS, "studies", idx.STUDIES, "s.patient"),
             ("studies", "study", idx.STUDIES, "series", idx.SERIES, "se.study"),
@@ -131,6 +134,7 @@ class Router:
             (r"images/(?P<uid>.+)/review", {"GET": self.review, "POST": self.add_review}),
             (r"reviews", self.review_list),
             (r"studies/(?P<uid>.+)/summary", self._summary(idx.STUDIES, "study", "se.study")),
+            (r"studies/(?P<uid>.+)/kos", {"GET": self.key_object, "POST": self.make_key_object}),
             (r"series/(?P<uid>.+)/summary", self._summary(idx.SERIES, "series", "i.series")),
             (r"patients/(?P<uid>.+)/(?P<what>studycount|seriescount|imagecount|counts)",
              self.patient_counts),
@@ -352,7 +356,37 @@ class Router:
         except reviews.ReviewError as exc:
             raise HttpError(400, str(exc), Reasons=list(reasons.REASONS))
         reviews.add(self.index, image["OrthancID"], verdict, reason, comment, user)
-        return self._reviewed(image)
+        answer = self._reviewed(image)
+        if self.key_objects is not None:
+            study = self.index.study_of("images", image["OrthancID"])
+            try:  # the review is recorded whatever happens to the KOS
+                answer["KeyObject"] = self.key_objects.reviewed(study) if study else None
+            except Exception as exc:
+                log.exception("updating the KOS of study %s failed", image["StudyInstanceUID"])
+                answer["KeyObjectError"] = f"{type(exc).__name__}: {exc}"
+        return answer
+
+    def _key_objects(self) -> KeyObjects:
+        if self.key_objects is None:
+            raise HttpError(404, "key object selection documents are not available")
+        return self.key_objects
+
+    def key_object(self, query, uid):
+        """The study's current KOS, if minipacs made one."""
+        study = self._found(idx.STUDIES, "study", uid)
+        current = self._key_objects().current(study["OrthancID"])
+        if current is None:
+            raise HttpError(404, f"study {uid} has no KOS of minipacs")
+        return {"StudyInstanceUID": uid, **current}
+
+    def make_key_object(self, query, uid, body, user):
+        """Write the study's KOS anew (flagged, confirmed and reported images; not the
+        dismissed), replacing the previous one."""
+        study = self._found(idx.STUDIES, "study", uid)
+        result = self._key_objects().update(study["OrthancID"])
+        log.warning("KOS of study %s written%s: %d instance(s)", uid, f" by {user}" if user else "",
+                    len(result["Instances"]))
+        return {"StudyInstanceUID": uid, **result}
 
     def review_list(self, query):
         """Reviewed images, the latest first (or the flagged ones nobody reviewed: reviewed=false)."""
@@ -363,8 +397,6 @@ class Router:
         if query.get("reason") and query["reason"] not in reasons.FILTERS[:-1]:
             raise HttpError(400, f"unknown reason {query['reason']!r}; reasons: "
                             f"{', '.join(reasons.FILTERS[:-1])}", Reasons=list(reasons.FILTERS[:-1]))
-        if not reviewed and any(query.get(k) for k in ("verdict", "reason", "agrees")):
-            raise HttpError(400, "verdict, reason and agrees filter reviews: not with reviewed=false")
         limit, offset = paging(query)
         items, total = reviews.page(self.index, query, limit, offset, reviewed)
         return {"items": items, "total": total, "limit": limit, "offset": offset}

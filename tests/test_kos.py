@@ -115,7 +115,7 @@ def test_kos_follows_the_reviews_and_passes_dciodvfy(server, tmp_path):
     latest = server.json(f"/minipacs/studies/{study}/kos")
     assert listed(kos_file(server, latest["OrthancID"])) == {i["SOPInstanceUID"] for i in kept} | {
         missed["SOPInstanceUID"]}
-    wait_for(lambda: len(server.json(f"/instances")) == server.json("/minipacs/counts")["images"])
+    wait_for(lambda: len(server.json("/instances")) == server.json("/minipacs/counts")["images"])
     kos_rows = [i for i in server.json("/minipacs/images?status=no_pixel_data&limit=1000")["items"]
                 if i["SOPClassUID"] == kos.KOS_SOP_CLASS]
     assert [i["SOPInstanceUID"] for i in kos_rows] == [latest["SOPInstanceUID"]]  # one KOS per study

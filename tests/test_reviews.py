@@ -11,7 +11,11 @@ import pytest
 from minipacs import reviews
 from minipacs.reconcile import remove
 from test_ingest_and_index import run
-from test_routes import get, router  # noqa: F401 (a fixture)
+import test_routes
+from test_routes import get
+
+
+router = test_routes.router  # the fixture: an index of real files
 
 
 def post(router, path, body, user=None):
@@ -27,7 +31,7 @@ def flag(router, image, score=0.9, reason="overlay", flagged=1, version="m1"):
 
 
 @pytest.fixture
-def images(router):  # noqa: F811
+def images(router):
     items = get(router, "images", status="rendered")[1]["items"]
     assert len(items) >= 3
     flag(router, items[0], 0.9, "overlay")
@@ -36,7 +40,7 @@ def images(router):  # noqa: F811
     return items
 
 
-def test_confirm_dismiss_and_report_a_miss(router, images):  # noqa: F811
+def test_confirm_dismiss_and_report_a_miss(router, images):
     first, second, third = (image["SOPInstanceUID"] for image in images[:3])
     status, answer = post(router, f"images/{first}/review", {"verdict": "invalid"}, "alice")
     assert status == 200
@@ -72,21 +76,21 @@ def test_confirm_dismiss_and_report_a_miss(router, images):  # noqa: F811
     (b"not json", "body must be JSON"),
     (b"[1]", "body must be"),
 ])
-def test_bad_reviews_get_a_clear_400_and_change_nothing(router, images, body, words):  # noqa: F811
+def test_bad_reviews_get_a_clear_400_and_change_nothing(router, images, body, words):
     uid = images[0]["SOPInstanceUID"]
     status, answer = post(router, f"images/{uid}/review", body)
     assert status == 400 and words in answer["error"], answer
     assert get(router, f"images/{uid}/review")[1]["History"] == []
 
 
-def test_a_miss_needs_a_reason_and_an_unknown_image_is_404(router, images):  # noqa: F811
+def test_a_miss_needs_a_reason_and_an_unknown_image_is_404(router, images):
     status, answer = post(router, f"images/{images[2]['SOPInstanceUID']}/review", {"verdict": "invalid"})
     assert status == 400 and "needs a reason" in answer["error"]
     assert post(router, "images/1.2.3.4/review", {"verdict": "valid"})[0] == 404
     assert get(router, "images/1.2.3.4/review")[0] == 404
 
 
-def test_the_review_list_and_its_filters(router, images):  # noqa: F811
+def test_the_review_list_and_its_filters(router, images):
     first, second, third = (image["SOPInstanceUID"] for image in images[:3])
     _, unreviewed = get(router, "reviews", reviewed="false")
     assert [i["SOPInstanceUID"] for i in unreviewed["items"]] == [first, second]  # most anomalous first
@@ -127,7 +131,7 @@ def test_the_review_list_and_its_filters(router, images):  # noqa: F811
         assert status == 400 and answer["error"], query
 
 
-def test_rescoring_and_resending_keep_reviews_and_deleting_takes_them(router, images, tmp_path):  # noqa: F811
+def test_rescoring_and_resending_keep_reviews_and_deleting_takes_them(router, images, tmp_path):
     first, second = images[0], images[1]
     post(router, f"images/{first['SOPInstanceUID']}/review", {"verdict": "valid"})
     post(router, f"images/{second['SOPInstanceUID']}/review", {"verdict": "invalid"})

@@ -143,3 +143,34 @@ def test_without_authentication_nobody_is_named(tmp_path):
         assert answer["Current"]["Reviewer"] is None and answer["Current"]["Outcome"] == "missed"
     finally:
         server.stop()
+
+
+def test_automatic_key_objects_keep_one_kos_in_every_flagged_study(tmp_path):
+    work = tmp_path
+    server = OrthancServer(work / "orthanc")
+    server.config["MiniPacs"].update(ModelPath=str(brightness_model(work / "m.onnx", threshold=0.45)),
+                                     AutomaticKeyObjects=True)
+    server.start()
+    try:
+        for ds in synth.generate(1, seed=4, size=64, slices=4, anomalies=1.0):
+            assert server.upload(synth.encode(ds)).status_code == 200
+        server.wait_for_ingest()
+        flagged = {}
+        for image in server.json("/minipacs/anomalies?limit=1000")["items"]:
+            flagged.setdefault(image["StudyInstanceUID"], set()).add(image["SOPInstanceUID"])
+        assert flagged
+        for study in server.json("/minipacs/studies?limit=1000")["items"]:
+            uid = study["StudyInstanceUID"]
+            answer = server.get(f"/minipacs/studies/{uid}/kos")
+            if uid not in flagged:
+                assert answer.status_code == 404, uid
+                continue
+            assert answer.status_code == 200, uid
+            assert listed(kos_file(server, answer.json()["OrthancID"])) == flagged[uid]
+        wait_for(lambda: server.json("/minipacs/ingest")["worker"]["idle"]
+                 and len(server.json("/instances")) == server.json("/minipacs/counts")["images"])
+        kos_rows = [i for i in server.json("/minipacs/images?status=no_pixel_data&limit=1000")["items"]
+                    if i["SOPClassUID"] == kos.KOS_SOP_CLASS]
+        assert sorted(i["StudyInstanceUID"] for i in kos_rows) == sorted(flagged)  # one per study
+    finally:
+        server.stop()

@@ -30,8 +30,9 @@ _COLUMNS = ("seq", "verdict", "reason", "comment", "reviewer", "reviewed_at", "m
 _KEYS = ("Revision", "Verdict", "Reason", "Comment", "Reviewer", "ReviewedAt", "ModelFlagged",
          "ModelScore", "ModelReason", "ModelVersion")
 _SELECT = ", ".join(f"r.{c}" for c in _COLUMNS)
-# The reason or its family, as ?reason= of /minipacs/anomalies (substr and length: both SQLs).
-_REASON = "(r.reason = ? OR substr(r.reason, 1, length(?) + 1) = ? || ':')"
+# The reason or its family, as ?reason= of /minipacs/anomalies: the reason, its length + 1 and
+# the reason + ":" (no operator on a parameter: PostgreSQL must know each one's type).
+_REASON = "(r.reason = ? OR substr(r.reason, 1, ?) = ?)"
 # The review agrees with the image's score now (which a rescore may have changed).
 _AGREES = ("((r.verdict = 'invalid' AND i.flagged = 1) OR "
            "(r.verdict = 'valid' AND (i.flagged IS NULL OR i.flagged = 0)))")
@@ -111,14 +112,17 @@ def add(index: idx.Index, orthanc_id: str, verdict: str, reason: str | None, com
         reviewer: str | None) -> None:
     """Record a review of an indexed image; it becomes the image's current verdict."""
     with index._writing() as db:
+        model = db.execute("SELECT flagged, anomaly_score, anomaly_reason, model_version FROM images "
+                           "WHERE orthanc_id = ?", (orthanc_id,)).fetchone()
+        if model is None:  # deleted meanwhile
+            return
+        seq = db.execute("SELECT coalesce(max(seq), 0) + 1 FROM reviews WHERE image = ?",
+                         (orthanc_id,)).fetchone()[0]
         db.execute("UPDATE reviews SET latest = 0 WHERE image = ? AND latest = 1", (orthanc_id,))
-        db.execute(
-            """INSERT INTO reviews (image, seq, latest, verdict, reason, comment, reviewer,
-                   reviewed_at, model_flagged, model_score, model_reason, model_version)
-               SELECT i.orthanc_id, (SELECT coalesce(max(seq), 0) + 1 FROM reviews WHERE image = ?),
-                   1, ?, ?, ?, ?, ?, i.flagged, i.anomaly_score, i.anomaly_reason, i.model_version
-               FROM images i WHERE i.orthanc_id = ?""",
-            (orthanc_id, verdict, reason, comment, reviewer, now(), orthanc_id))
+        db.execute("""INSERT INTO reviews (image, seq, latest, verdict, reason, comment, reviewer,
+                          reviewed_at, model_flagged, model_score, model_reason, model_version)
+                      VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   (orthanc_id, seq, verdict, reason, comment, reviewer, now(), *model))
 
 
 def history(index: idx.Index, orthanc_id: str) -> list[dict[str, Any]]:
@@ -149,7 +153,7 @@ def page(index: idx.Index, query: Mapping[str, str], limit: int, offset: int,
             args.append(query["verdict"])
         if query.get("reason"):
             clauses.append(_REASON)
-            args += [query["reason"]] * 3
+            args += [query["reason"], len(query["reason"]) + 1, query["reason"] + ":"]
         if query.get("agrees"):
             clauses.append(_AGREES if query["agrees"] == "true" else f"NOT {_AGREES}")
         source = "reviews r JOIN images i ON i.orthanc_id = r.image"

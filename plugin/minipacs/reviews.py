@@ -192,12 +192,13 @@ def by_model(index: idx.Index) -> list[dict[str, Any]]:
 def rejected(index: idx.Index, study_orthanc_id: str) -> list[dict[str, Any]]:
     """The images of a study to list as rejected for quality reasons: flagged and not dismissed,
     or found invalid by a reviewer (a confirmed flag, a reported miss); with the identifiers a
-    KOS references them by."""
+    KOS references them by (an unreadable instance, without a SOP class, cannot be referenced)."""
     rows = index._connection().execute(
         """SELECT i.sop_uid, i.sop_class_uid, i.series_uid, i.orthanc_id, i.status FROM images i
            JOIN series se ON se.orthanc_id = i.series
            LEFT JOIN reviews r ON r.image = i.orthanc_id AND r.latest = 1
            WHERE se.study = ? AND (r.verdict = 'invalid' OR (r.verdict IS NULL AND i.flagged = 1))
+               AND i.sop_class_uid IS NOT NULL
            ORDER BY i.series_uid, i.instance_number, i.sop_uid""", (study_orthanc_id,)).fetchall()
     return [dict(zip(("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "OrthancID", "Status"), row))
             for row in rows]

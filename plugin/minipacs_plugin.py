@@ -96,7 +96,8 @@ class Lookup:
     (the default) nothing, so Orthanc's API and change log are bare Orthanc's; ``flagged`` a
     flagged image's reason, one write; ``all`` every image's score and flag too (two change-log
     entries per instance). Metadata must be declared in ``UserMetadata``; labels (Orthanc >= 1.12)
-    mark studies with a flagged image in both publishing modes. Writes to an instance deleted
+    mark studies with a flagged image in both publishing modes. With ``AutomaticKeyObjects``, a
+    flag set or cleared rewrites the study's KOS (``key_objects``). Writes to an instance deleted
     meanwhile are dropped quietly."""
 
     def __init__(self, index: Index, publish: str, declared: set[str],

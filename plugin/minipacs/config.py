@@ -34,6 +34,7 @@ class Config:
     renderer_seconds: int
     attempts: int
     publish: str
+    automatic_key_objects: bool
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -55,6 +56,7 @@ _DEFAULTS: dict[str, Any] = {
     "RendererTimeLimit": 60,  # seconds (wall and CPU) a renderer may spend on one instance
     "MaxAttempts": 3,  # renderings that never finished before an instance is given up
     "PublishToOrthanc": "none",  # which scores become Orthanc metadata: none, flagged, all
+    "AutomaticKeyObjects": False,  # a KOS in every flagged study (else on request, then kept)
 }
 PUBLISH_MODES = ("none", "flagged", "all")
 # The integer options' bounds: (lowest, highest or None, unit for the message).
@@ -141,4 +143,5 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
         renderer_seconds=ints["RendererTimeLimit"],
         attempts=ints["MaxAttempts"],
         publish=publish,
+        automatic_key_objects=_typed(options, "AutomaticKeyObjects", bool),
     )

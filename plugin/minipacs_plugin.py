@@ -56,6 +56,18 @@ class _OrthancLog(logging.Handler):
             orthanc.LogInfo(message)
 
 
+# Every callable handed to RegisterRestCallback, for the interpreter's whole life. orthanc-python
+# 5.0 (Debian 13) drops its reference to each REST callback while finalizing, without the GIL:
+# if that was the last reference (a bound method, a lambda), the object is freed there and Orthanc
+# dies with SIGSEGV/SIGABRT at every stop. A module-level function, or one kept here, survives.
+_REST_CALLBACKS: list = []
+
+
+def register_rest(uri: str, callback) -> None:
+    _REST_CALLBACKS.append(callback)
+    orthanc.RegisterRestCallback(uri, callback)
+
+
 log = logging.getLogger("minipacs")
 log.addHandler(_OrthancLog())
 log.setLevel(logging.INFO)
@@ -347,13 +359,13 @@ class MiniPacs:
         self.worker.start()
         orthanc.RegisterOnChangeCallback(self.on_change)
         for uri in ("/minipacs", "/minipacs/(.*)"):
-            orthanc.RegisterRestCallback(uri, self.on_rest)
+            register_rest(uri, self.on_rest)
         if self.official_ohif:
             log.warning("Orthanc's OHIF plugin (%s) serves /ohif/: minipacs links to it",
                         self.official_ohif)
         else:
             for uri in ("/ohif", "/ohif/(.*)"):
-                orthanc.RegisterRestCallback(uri, self.on_ohif)
+                register_rest(uri, self.on_ohif)
         log.warning("minipacs %s: index %s, PNGs in %s", __version__, self.config.database,
                     self.config.png_directory)
 
@@ -363,7 +375,7 @@ def register_failure(error: Exception) -> None:
     failed = json_response({"error": f"minipacs is not running: {type(error).__name__}: {error}",
                             "status": 503}, 503)
     for uri in ("/minipacs", "/minipacs/(.*)"):
-        orthanc.RegisterRestCallback(uri, lambda output, uri, **request: answer(output, failed))
+        register_rest(uri, lambda output, uri, **request: answer(output, failed))
 
 
 # Orthanc's threads need the GIL to queue an instance or answer a route: let the worker's Python

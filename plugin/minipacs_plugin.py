@@ -109,7 +109,7 @@ class Lookup:
     flagged image's reason, one write; ``all`` every image's score and flag too (two change-log
     entries per instance). Metadata must be declared in ``UserMetadata``; labels (Orthanc >= 1.12)
     mark studies with a flagged image in both publishing modes. With ``AutomaticKeyObjects``, a
-    flag set or cleared rewrites the study's KOS (``key_objects``). Writes to an instance deleted
+    flag set or cleared schedules the study's KOS (``key_objects``). Writes to an instance deleted
     meanwhile are dropped quietly."""
 
     def __init__(self, index: Index, publish: str, declared: set[str],
@@ -157,7 +157,7 @@ class Lookup:
         if self.mode != "none" and (score.flagged or was_flagged):  # else the label cannot change
             self.label(study_id)
         if self.key_objects is not None and (score.flagged or was_flagged):
-            self.key_objects.update(study_id)
+            self.key_objects.schedule(study_id)
 
     def label(self, study_id: str) -> None:
         """Give the study the flag label while the index holds a flagged image of it, and take it
@@ -287,7 +287,8 @@ class MiniPacs:
         return {**self.worker.stats(), "retrying": self.pipeline.retries.pending(),
                 "gone": self.pipeline.gone,
                 "renderers": self.sandbox.ready() if self.sandbox else 0,
-                "renderers_replaced": self.sandbox.deaths if self.sandbox else 0}
+                "renderers_replaced": self.sandbox.deaths if self.sandbox else 0,
+                "key_objects_pending": self.key_objects.pending()}
 
     def process(self, instance_ids: list[str]) -> None:
         # Called in a worker thread, never in Orthanc's store thread.
@@ -339,6 +340,9 @@ class MiniPacs:
                     log.exception("updating the label of study %s failed", study)
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             threading.Thread(target=self.keep_reconciled, name="minipacs-reconcile", daemon=True).start()
+            if self.key_objects.automatic:
+                threading.Thread(target=self.key_objects.run, args=(self.stopping,), name="minipacs-kos",
+                                 daemon=True).start()
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.stopping.set()
             if self.sandbox:  # first: a worker in the middle of a long render returns at once

@@ -13,6 +13,7 @@ import pytest
 from minipacs import kos, synth
 from onnx_models import brightness_model
 from orthanc_server import OrthancServer
+from test_orthanc_scoring import changes
 
 USER, PASSWORD = "alice", "s3cret"
 
@@ -152,9 +153,15 @@ def test_automatic_key_objects_keep_one_kos_in_every_flagged_study(tmp_path):
                                      AutomaticKeyObjects=True)
     server.start()
     try:
+        uploaded = 0
         for ds in synth.generate(1, seed=4, size=64, slices=4, anomalies=1.0):
             assert server.upload(synth.encode(ds)).status_code == 200
+            uploaded += 1
         server.wait_for_ingest()
+        # Written once the study's flags have settled (kos.SETTLE seconds): one document per
+        # study, not one per flagged image.
+        assert server.json("/minipacs/ingest")["worker"]["key_objects_pending"] >= 1
+        wait_for(lambda: server.json("/minipacs/ingest")["worker"]["key_objects_pending"] == 0)
         flagged = {}
         for image in server.json("/minipacs/anomalies?limit=1000")["items"]:
             flagged.setdefault(image["StudyInstanceUID"], set()).add(image["SOPInstanceUID"])
@@ -172,5 +179,7 @@ def test_automatic_key_objects_keep_one_kos_in_every_flagged_study(tmp_path):
         kos_rows = [i for i in server.json("/minipacs/images?status=no_pixel_data&limit=1000")["items"]
                     if i["SOPClassUID"] == kos.KOS_SOP_CLASS]
         assert sorted(i["StudyInstanceUID"] for i in kos_rows) == sorted(flagged)  # one per study
+        written = [c for c in changes(server) if c["ChangeType"] == "NewInstance"][uploaded:]
+        assert len(written) == len(flagged), "one document per flagged study, none replaced"
     finally:
         server.stop()

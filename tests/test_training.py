@@ -302,3 +302,26 @@ print("ok")
     done = subprocess.run([str(TRAIN_PYTHON), "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_every_architecture_maps_an_image_to_a_softmax_over_the_reasons():
+    """``--architecture`` choices build at the default and a larger input; each gives one
+    probability per class of ``minipacs.reasons`` that sums to 1."""
+    if not TRAIN_PYTHON.exists():
+        pytest.skip(".venv-training is missing: ./minipacs.sh test builds it")
+    check = """
+import numpy as np
+from minipacs.reasons import CLASSES
+from training.model import ARCHITECTURES, with_p_valid
+for name, build in ARCHITECTURES.items():
+    for size in (128, 256):
+        model = with_p_valid(build(size))
+        p_valid, p_class = model.predict(np.random.default_rng(0).random((2, size, size, 1), np.float32), verbose=0)
+        assert p_class.shape == (2, len(CLASSES)) and np.allclose(p_class.sum(axis=1), 1, atol=1e-5), name
+        assert np.allclose(p_valid[:, 0], p_class[:, 0]), name
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugin'}:{ROOT}"}
+    done = subprocess.run([str(TRAIN_PYTHON), "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

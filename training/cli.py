@@ -67,7 +67,7 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--architecture", choices=("minipacs", "predecessor"), default="minipacs")
+    g.add_argument("--architecture", choices=("minipacs", "minipacs-bn", "predecessor"), default="minipacs")
     g.add_argument("--size", type=int, default=preprocess.DEFAULT_SIZE, help="model input size")
     g.add_argument("--epochs", type=int, default=30)
     g.add_argument("--batch-size", type=int, default=32)

@@ -66,7 +66,7 @@ class RealInvalid:
     """Real invalid material (training.realinvalid): pictures, captured dialogs and windows.
     Each file is one group of the split, so none is seen in two splits."""
 
-    pictures: tuple = ()  # realinvalid.Picture of photos and artwork
+    pictures: tuple = ()  # realinvalid.Picture of photos, artwork and packaged screenshots
     dialogs: tuple = ()  # paths of dialog screenshots
     windows: tuple = ()  # realinvalid.Picture of captured application windows
 
@@ -249,8 +249,9 @@ def generated_invalid(write: Writer, cfg: DatasetConfig, rng, real_in: dict) -> 
                       **{k: v for k, v in invalid.GENERATED.items() if k != "pictures"}}
             photos = [p for p in pictures if p.kind in ("photo", "mixed")]
             art = [p for p in pictures if p.kind in ("artwork", "mixed")]
+            shots = list(windows) + [p for p in pictures if p.kind == "screenshot"]
             for name, choices, maker in (("photos", photos, realinvalid.photos), ("artwork", art, realinvalid.artwork),
-                                         ("screenshots", windows, realinvalid.screenshots)):
+                                         ("screenshots", shots, realinvalid.screenshots)):
                 if choices:
                     makers[name] = lambda r, c=choices, m=maker: m(r, c)
             # Real pictures are what an archive receives by mistake: they come twice per cycle.

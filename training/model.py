@@ -46,6 +46,36 @@ def minipacs(size: int) -> keras.Model:
     return keras.Model(inputs, outputs, name="minipacs")
 
 
+def minipacs_bn(size: int) -> keras.Model:
+    """The network above with batch normalisation after every convolution, 64 filters in the
+    third block and a 1×1 convolution down to 32 channels before the 8×8 grid is flattened
+    (the dense layer then has half the inputs). Normalising each layer's responses makes
+    training less sensitive to an image's overall grey level and contrast (MR windows differ
+    wildly), at 1.4× the multiply-adds."""
+    inputs = keras.Input(shape=(size, size, 1), name="image")
+    x = inputs
+    while x.shape[1] > 128:
+        x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(x)
+
+    def block(x, filters, strides=1):
+        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(x)
+        return layers.ReLU()(layers.BatchNormalization()(x))
+
+    x = block(x, 16, strides=2)
+    x = block(x, 32)
+    x = layers.MaxPooling2D()(x)
+    x = block(x, 64)
+    x = layers.MaxPooling2D()(x)
+    x = block(x, 64)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(32, 1, activation="relu")(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(64, activation="relu")(x)
+    x = layers.Dropout(0.3)(x)
+    outputs = layers.Dense(len(CLASSES), activation="softmax", name=CLASS_OUTPUT)(x)
+    return keras.Model(inputs, outputs, name="minipacs_bn")
+
+
 def predecessor(size: int) -> keras.Model:
     """The predecessor's network (it used size 152), kept to compare against."""
     inputs = keras.Input(shape=(size, size, 1), name="image")
@@ -59,7 +89,7 @@ def predecessor(size: int) -> keras.Model:
     return keras.Model(inputs, outputs, name="predecessor")
 
 
-ARCHITECTURES = {"minipacs": minipacs, "predecessor": predecessor}
+ARCHITECTURES = {"minipacs": minipacs, "minipacs-bn": minipacs_bn, "predecessor": predecessor}
 
 
 def ensemble(members: list[keras.Model]) -> keras.Model:

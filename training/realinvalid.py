@@ -29,24 +29,25 @@ import shutil
 import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from functools import cache as memo
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pydicom
 from PIL import Image
+from pydicom.errors import InvalidDicomError
 
 from minipacs import render
+from training import realsources
 from training.sources import Valid, pinned_apt
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / "var" / "realinvalid"
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".dcm")
 MIN_SIDE = 96  # smaller files are icons/thumbnails, not pictures
 MAX_SIDE = 1024  # large wallpapers are shrunk when read (speed; the model sees 128-256 px)
 
@@ -64,7 +65,7 @@ class PictureSource:
     version: str
     licence: str  # from the package's copyright file / metadata
     members: tuple[str, ...]  # globs, relative to the extracted package root
-    kind: str  # "photo" | "artwork" | "mixed" (photos and flat artwork)
+    kind: str  # "photo" | "artwork" | "mixed" (photos and flat artwork) | "screenshot"
     exclude: tuple[str, ...] = ()
     default: bool = True  # part of the default set (< 300 MB download all together)
     size_mb: float = 0.0  # download size
@@ -91,6 +92,15 @@ PICTURE_SOURCES: tuple[PictureSource, ...] = (
     PictureSource("tuxpaint-stamps", "debian", "tuxpaint-stamps-default", "2022.06.04-1",
                   "GPL-2", ("usr/share/tuxpaint/stamps/**",), "mixed",
                   exclude=("*/symbols/alphabets/*",), size_mb=160.9),
+    # Photographs and a drawing stored as DICOM (Secondary Capture / a CT header): rendered by
+    # the plugin's own renderer, as such a file would be in an archive.
+    PictureSource("deid-data-pictures", "pypi", "deid-data", "0.0.20", "MIT",
+                  ("deid-data-0.0.20/deid_data/data/dicom-cookies/*.dcm",
+                   "deid-data-0.0.20/deid_data/data/humans/ctbrain1.dcm"), "photo", default=False, size_mb=41.9),
+    # Screenshots of a DICOM application's windows, some with a medical image inside.
+    PictureSource("pixelmed-screenshots", "debian", "pixelmed-www", "20220618+dfsg-1", "BSD-3-Clause",
+                  ("usr/share/pixelmed/images/*.png",), "screenshot", exclude=("*/osi_standard_logo.png",),
+                  default=False, size_mb=0.8),
     PictureSource("plasma-wallpapers", "debian", "plasma-workspace-wallpapers", "4:5.27.5-2",
                   "GPL-2+ / LGPL-3 / CC-BY-SA-4.0 (per wallpaper)", ("usr/share/wallpapers/**",), "mixed",
                   default=False, size_mb=94.0),
@@ -163,12 +173,10 @@ def _run(cmd: list[str], cwd: Path, registry: str, package: str, version: str) -
 
 
 def _unpack(archive: Path, tree: Path) -> None:
-    if archive.suffix in (".whl", ".zip"):
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(tree)
-    elif archive.name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar")):
-        with tarfile.open(archive) as t:
-            t.extractall(tree, filter="data")
+    try:
+        realsources.unpack(archive, tree)
+    except realsources.FetchError as exc:
+        raise FetchError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- picture listing
@@ -198,6 +206,12 @@ def _group_of(source: PictureSource, member: str) -> str:
 
 
 def _size(path: Path) -> tuple[int, int] | None:
+    if path.suffix.lower() == ".dcm":
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            return int(ds.Columns), int(ds.Rows)
+        except (OSError, ValueError, AttributeError, InvalidDicomError):
+            return None
     try:
         with Image.open(path) as image:
             return image.size
@@ -260,7 +274,12 @@ def _listed(source: PictureSource, root: Path) -> list[Picture]:
 
 def read_picture(path: Path, rng=None) -> np.ndarray:
     """uint8 RGB (or grey for grey files), shrunk to MAX_SIDE; transparency flattened onto a
-    background (white, black, grey or a colour: a cut-out in a document or on a slide)."""
+    background (white, black, grey or a colour: a cut-out in a document or on a slide). A DICOM
+    file is rendered by the plugin's renderer."""
+    if path.suffix.lower() == ".dcm":
+        shown = Image.fromarray(render.render(pydicom.dcmread(path), 0).pixels)
+        shown.thumbnail((MAX_SIDE, MAX_SIDE))
+        return np.asarray(shown)
     with Image.open(path) as image:
         image.draft("RGB", (MAX_SIDE, MAX_SIDE))
         if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
@@ -765,6 +784,7 @@ def real_kinds(cache: Path = DEFAULT_CACHE, rng=None, download: bool = True):
     if download and not dialog_files(cache) and xvfb_missing() is None:
         capture_dialogs(cache)
     shots = [Picture(p, p.name, f"xvfb:{p.name}", "window") for p in dialog_files(cache, "windows")]
+    shots += [p for p in found if p.kind == "screenshot"]
     boxes = dialog_files(cache)
     generated = {"photos": lambda r, choices=None: photos(r, photo if choices is None else choices),
                  "artwork": lambda r, choices=None: artwork(r, art if choices is None else choices),

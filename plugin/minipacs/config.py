@@ -34,6 +34,8 @@ class Config:
     renderer_seconds: int
     attempts: int
     publish: str
+    postgresql: str | None = None
+    claim_lease: int = 30
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -55,6 +57,10 @@ _DEFAULTS: dict[str, Any] = {
     "RendererTimeLimit": 60,  # seconds (wall and CPU) a renderer may spend on one instance
     "MaxAttempts": 3,  # renderings that never finished before an instance is given up
     "PublishToOrthanc": "none",  # which scores become Orthanc metadata: none, flagged, all
+    # A PostgreSQL connection string: the index shared by several Orthanc nodes (docs/cluster.md)
+    # instead of the SQLite file "Database".
+    "PostgreSQL": None,
+    "ClaimLease": 30,  # seconds before another node takes the work of a node that stopped answering
 }
 PUBLISH_MODES = ("none", "flagged", "all")
 
@@ -123,6 +129,14 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
     if publish not in PUBLISH_MODES:
         raise ConfigError(f"{SECTION}.PublishToOrthanc must be one of {', '.join(PUBLISH_MODES)}, "
                           f"not {publish!r}")
+    postgresql = _typed(options, "PostgreSQL", str)
+    if postgresql is not None and "Database" in options:
+        raise ConfigError(f"{SECTION}.PostgreSQL and {SECTION}.Database name two indexes: keep one")
+    if postgresql == "":
+        raise ConfigError(f"{SECTION}.PostgreSQL must be a connection string, not empty")
+    lease = _typed(options, "ClaimLease", int)
+    if not 3 <= lease <= 3600:
+        raise ConfigError(f"{SECTION}.ClaimLease must be within 3..3600 seconds, not {lease}")
     queue_size = _typed(options, "QueueSize", int)
     if queue_size < 1:
         raise ConfigError(f"{SECTION}.QueueSize must be at least 1, not {queue_size}")
@@ -145,4 +159,6 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
         renderer_seconds=seconds,
         attempts=attempts,
         publish=publish,
+        postgresql=postgresql,
+        claim_lease=lease,
     )

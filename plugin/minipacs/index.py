@@ -698,6 +698,10 @@ class Index:
         return {row[0] for row in self._connection().execute(
             "SELECT orthanc_id FROM images WHERE status = ?", (status,))}
 
+    def queued(self) -> set[str]:
+        """The instances waiting in a shared queue (none: one node's queue is in memory)."""
+        return set()
+
     def png_names(self) -> set[str]:
         """The PNG files the index refers to."""
         return {row[0] for row in self._connection().execute(

@@ -528,7 +528,7 @@ class Index:
     def get(self, level: Level, uid: str) -> dict[str, Any] | None:
         """The resource whose DICOM identifier is ``uid`` (the first, should several share it)."""
         return self._object(f"SELECT {self.columns(level)} FROM {level.source} WHERE {level.uid} = ? "
-                            f"ORDER BY {level.order} LIMIT 1", (uid,))
+                            f"ORDER BY {self.order(level)} LIMIT 1", (uid,))
 
     def image_by_orthanc_id(self, orthanc_id: str) -> dict[str, Any] | None:
         return self._object(f"SELECT {self.columns(IMAGES)} FROM {IMAGES.source} WHERE i.orthanc_id = ?",
@@ -557,10 +557,10 @@ class Index:
             total = (self._scalar(f"SELECT count(*) FROM {level.table} {clause}", args) if where
                      else self.counts()[level.name])
         keys = (f"SELECT {level.alias}.{self.key} AS k FROM {level.table} {clause} "
-                f"ORDER BY {level.order} LIMIT ? OFFSET ?")
+                f"ORDER BY {self.order(level)} LIMIT ? OFFSET ?")
         rows = self._connection().execute(
             f"SELECT {self.columns(level)} FROM ({keys}) page CROSS JOIN {level.source} "
-            f"WHERE {level.alias}.{self.key} = page.k ORDER BY {level.order}", args + (limit, offset))
+            f"WHERE {level.alias}.{self.key} = page.k ORDER BY {self.order(level)}", args + (limit, offset))
         return "[" + ",".join(item for item, in rows) + "]", total
 
     def page(self, level: Level, limit: int, offset: int, where: str = "", args: tuple = (),
@@ -572,6 +572,10 @@ class Index:
     def columns(self, level: Level) -> str:
         """The SQL of a level's rows as JSON text."""
         return level.columns
+
+    def order(self, level: Level) -> str:
+        """A level's ORDER BY (SQLite sorts NULL first)."""
+        return level.order
 
     # A counter may be kept in several rows (PostgreSQL: one per connection), hence the sums.
     def counts(self) -> dict[str, int]:
@@ -632,12 +636,13 @@ class Index:
         """(orthanc_id, png, study orthanc_id, flagged now) of rendered images, in ID order after
         ``after``."""
         # "status || ''": walk the primary key in order; the status index would sort every image.
-        return self._connection().execute(
+        rows = self._connection().execute(
             """SELECT i.orthanc_id, i.png, se.study, coalesce(i.flagged, 0) = 1 FROM images i
                JOIN series se ON se.orthanc_id = i.series
                WHERE i.status || '' = 'rendered' AND i.orthanc_id > ? ORDER BY i.orthanc_id
                LIMIT ?""",
             (after, limit)).fetchall()
+        return [(orthanc_id, png, study, bool(flagged)) for orthanc_id, png, study, flagged in rows]
 
     def delete(self, table: str, orthanc_id: str) -> list[str]:
         """Remove a resource, everything under it and the parents it leaves empty (as Orthanc

@@ -106,8 +106,17 @@ def _pg_json(sql: str) -> str:
                   r"CASE WHEN abs(\1) < CAST('Infinity' AS double precision) THEN \1 END", sql)
 
 
+def _nulls(columns: str) -> str:
+    """An ORDER BY or index's columns sorting NULL as SQLite does: first, last when descending."""
+    return ", ".join(f"{term} NULLS LAST" if term.endswith(" DESC") else f"{term} NULLS FIRST"
+                     for term in (t.strip() for t in columns.split(",")))
+
+
 def schema() -> str:
-    tables = re.sub(r"\bREAL\b", "DOUBLE PRECISION", idx.TABLES)
+    # Text compared byte by byte, as SQLite does, whatever the database's locale.
+    tables = re.sub(r"\bREAL\b", "DOUBLE PRECISION", idx.TABLES).replace(" TEXT", ' TEXT COLLATE "C"')
+    tables = re.sub(r"(CREATE INDEX IF NOT EXISTS \w+\s+ON \w+)\(([^)]*)\)",
+                    lambda m: f"{m.group(1)}({_nulls(m.group(2))})", tables)
     tables = tables.replace("DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))", "DEFAULT minipacs_now()")
     return FUNCTIONS + tables + CLAIMS + _triggers()
 
@@ -183,6 +192,10 @@ class PostgresIndex(idx.Index):
         db = self._connections.pop(threading.get_ident(), None)
         if db is not None:
             db.connection.close()
+
+    @functools.cache
+    def order(self, level: idx.Level) -> str:
+        return _nulls(level.order)
 
     @functools.cache
     def columns(self, level: idx.Level) -> str:

@@ -292,6 +292,11 @@ class MiniPacs:
         follows Orthanc even after a crash, a full queue, or changes made while minipacs was off.
         At start, PNGs that failed to be written are retried and files without a row removed."""
         config = self.config
+        if self.follower:  # where the change log is followed from, before Orthanc is compared
+            try:
+                self.follower.step()
+            except Exception:
+                log.exception("following Orthanc's change log failed")
         if config.reconcile_on_start:
             self.reconcile()
             for instance_id in sorted(self.index.orthanc_instance_ids(WRITE_FAILED)):

@@ -189,9 +189,10 @@ def test_the_change_log_queues_new_instances_and_applies_deletions_once(dsn, tmp
                     change(5, "Deleted", "Patient", deleted.patient["orthanc_id"]),
                     change(6, "NewInstance", "Instance", "new-2")]
     follower.step()
-    # Seq 4 is not there yet (a transaction still open): what follows it waits for it.
-    assert index.queued() == {"new-1"} and woken
-    assert index.counts()["patients"] == 2
+    # Seq 4 is not there yet (a transaction still open): the deletion after it waits for it,
+    # new instances are queued at once.
+    assert index.queued() == {"new-1", "new-2"} and woken
+    assert index.counts()["patients"] == 2 and follower.followed == 2
     time.sleep(GAP_WAIT + 0.1)
     follower.step()  # seq 4 never came (a rolled-back transaction): moved past it
     assert index.queued() == {"new-1", "new-2"}

@@ -36,7 +36,7 @@ class ChangeFollower:
         self.index, self.changes, self.png_directory = index, changes, png_directory
         self.deletions, self.queued = deletions, queued
         self.wakeup = threading.Event()
-        self._gap: tuple[int, float] | None = None  # (sequence number awaited, since when)
+        self._missing: dict[int, float] = {}  # sequence numbers awaited, since when
         self.followed = 0  #: changes applied by this node
 
     def run(self, stopping: threading.Event, interval: float = 1.0) -> None:
@@ -51,7 +51,7 @@ class ChangeFollower:
 
     def step(self) -> bool:
         """Apply the next page of the change log; True when more is waiting."""
-        pngs, more, queued = [], False, False
+        pngs, queued = [], False
         with self.index.following() as held:
             if held is None:  # another node is applying it
                 return False
@@ -60,21 +60,31 @@ class ChangeFollower:
                 self.index.moved(db, self.changes(None)["Last"])
                 return False
             answer = self.changes(position)
-            moved = position
+            now, expected = time.monotonic(), position + 1
+            for change in answer["Changes"]:  # when each missing number was first missed
+                for seq in range(expected, change["Seq"]):
+                    self._missing.setdefault(seq, now)
+                expected = change["Seq"] + 1
+            moved, blocked = position, False
             for change in answer["Changes"]:
                 seq = change["Seq"]
-                if seq != moved + 1 and not self._gap_waited(moved + 1):
-                    break  # a change committed later than a newer one: wait for it a moment
                 kind, level = change["ChangeType"], LEVELS.get(change["ResourceType"])
+                # A missing number may be a transaction still open (Orthanc's nodes write at
+                # once): the position waits for it, GAP_WAIT at most (a rolled-back one never
+                # comes). Past it, new instances are queued already (queueing twice is nothing),
+                # deletions wait, to be applied in the log's order.
+                blocked = blocked or any(now - self._missing[n] < GAP_WAIT for n in range(moved + 1, seq))
                 if kind == "NewInstance":
                     self.index.enqueue([change["ID"]], db)
                     queued = True
-                elif kind == "Deleted" and level:
+                if blocked:
+                    continue
+                if kind == "Deleted" and level:
                     self.deletions.deleted(change["ID"])
                     pngs += self.index.delete_in(db, level, change["ID"])
                 moved = seq
-            else:
-                more = not answer.get("Done", True)
+            more = not blocked and not answer.get("Done", True)
+            self._missing = {n: t for n, t in self._missing.items() if n > moved}
             self.index.moved(db, moved)
             self.followed += moved - position
         for name in pngs:  # once the rows are gone: a row never outlives its PNG
@@ -82,12 +92,6 @@ class ChangeFollower:
         if queued:
             self.queued()
         return more
-
-    def _gap_waited(self, seq: int) -> bool:
-        now = time.monotonic()
-        if self._gap is None or self._gap[0] != seq:
-            self._gap = (seq, now)
-        return now - self._gap[1] >= GAP_WAIT
 
 
 class Feeder:

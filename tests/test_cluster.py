@@ -8,6 +8,7 @@ through either node; then both nodes answer Orthanc's own counts, every instance
 once, and no PNG is left without its row nor a row without its PNG.
 """
 
+import json
 import signal
 import threading
 import time
@@ -19,9 +20,10 @@ import requests
 
 import postgres_server
 from corpus import pydicom_data_files, pydicom_test_files
-from orthanc_server import PLUGINS, OrthancServer
+from orthanc_server import ROOT, OrthancServer
 
-PG_PLUGINS = [PLUGINS / "libOrthancPostgreSQLIndex.so", PLUGINS / "libOrthancPostgreSQLStorage.so"]
+EXAMPLE = json.loads((ROOT / "orthanc-cluster.json").read_text())  # the README's example node
+PG_PLUGINS = [Path(p) for p in EXAMPLE["Plugins"] if "PostgreSQL" in p]
 psycopg = pytest.importorskip("psycopg")
 missing = postgres_server.available() or next(
     (f"{p} is missing (Debian's orthanc-postgresql; ./minipacs.sh setup --dev installs it)"
@@ -39,19 +41,20 @@ def wait_until(condition, seconds: float, what: str):
 class Cluster:
     def __init__(self, workdir: Path):
         self.pg = postgres_server.PostgresServer().start()
-        self.pg.create_database("orthanc")
+        self.pg.create_database(EXAMPLE["PostgreSQL"]["Database"])
         self.index_dsn = self.pg.create_database("minipacs")
         self.png = workdir / "png"  # one directory every node reaches (docs/cluster.md)
         self.nodes = [self._node(workdir / name) for name in ("a", "b")]
 
     def _node(self, workdir: Path) -> OrthancServer:
+        """A node configured as the example orthanc-cluster.json, on this cluster's addresses."""
         server = OrthancServer(workdir)
-        server.config["Plugins"] += [str(p) for p in PG_PLUGINS]
-        server.config["PostgreSQL"] = {
-            "EnableIndex": True, "EnableStorage": True, "Lock": False, "Host": "127.0.0.1",
-            "Port": self.pg.port, "Database": "orthanc", "Username": "minipacs", "Password": ""}
-        server.config["MiniPacs"].update(PngDirectory=str(self.png), PostgreSQL=self.index_dsn,
-                                         ClaimLease=5, ReconcileInterval=5)
+        server.config["Plugins"] += [p for p in EXAMPLE["Plugins"] if "PostgreSQL" in p]
+        server.config["PostgreSQL"] = {**EXAMPLE["PostgreSQL"], "Host": "127.0.0.1", "Port": self.pg.port,
+                                       "Username": "minipacs", "Password": ""}
+        server.config["MiniPacs"].update({**EXAMPLE["MiniPacs"], "DataDirectory": str(server.data),
+                                          "PngDirectory": str(self.png), "PostgreSQL": self.index_dsn,
+                                          "ClaimLease": 5, "ReconcileInterval": 5})
         return server
 
     def query(self, sql: str) -> list[tuple]:

@@ -244,8 +244,7 @@ class MiniPacs:
             from minipacs.cluster import ChangeFollower, Feeder
             self.feeder = Feeder(self.index, self.worker.submit, lambda: self.worker.stats()["queued"],
                                  self.lookup, config.attempts)
-            self.follower = ChangeFollower(self.index, changes, config.png_directory,
-                                           self.pipeline.deletions, self.feeder.wakeup.set)
+            self.follower = ChangeFollower(self.index, changes, self.feeder.wakeup.set)
         rescorer = Rescorer(self.index, config.png_directory, self.models, self.lookup.publish)
         self.router = Router(self.index, config.png_directory, self.ingest_stats, self.models,
                              rescorer, lambda: {**orthanc_features(),
@@ -325,13 +324,10 @@ class MiniPacs:
 
     def on_change(self, change_type, level, resource_id) -> None:
         # Orthanc signals changes from a thread of its own, after the store: never in its way.
-        if self.follower and change_type in (orthanc.ChangeType.NEW_INSTANCE, orthanc.ChangeType.DELETED):
-            # Several nodes: the change log says it to every node (minipacs.cluster); here, only
-            # the arrival (storing first) and, for the instances rendering here, the deletion.
-            if change_type == orthanc.ChangeType.NEW_INSTANCE:
-                self.worker.arrived()
-            else:
-                self.pipeline.deletions.deleted(resource_id)
+        if self.follower and change_type == orthanc.ChangeType.NEW_INSTANCE:
+            # Several nodes: the change log tells every node (minipacs.cluster); here, only the
+            # arrival (storing first). A deletion is this node's to apply, as on one node.
+            self.worker.arrived()
             self.follower.wakeup.set()
         elif change_type == orthanc.ChangeType.NEW_INSTANCE:
             self.worker.stored(resource_id)

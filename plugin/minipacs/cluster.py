@@ -1,11 +1,13 @@
 """Several Orthanc nodes on one PostgreSQL (``MiniPacs.PostgreSQL``): what each node runs so that
-every instance stored through any node is indexed once, and every deletion made through any
-node reaches the index.
+every instance stored through any node is indexed once.
 
 * :class:`ChangeFollower` reads Orthanc's change log (``/changes``, which Orthanc keeps in its
-  own database, so every node sees every node's changes) from the position recorded in the
-  index, queues new instances and applies deletions, and moves the position, all in one
-  transaction that one node at a time holds. A restart resumes where the log was left.
+  own database, so every node sees every node's new instances) from the position recorded in
+  the index, queues the new instances and moves the position, in one transaction that one node
+  at a time holds. A restart resumes where the log was left. Deletions are not in the log
+  (Orthanc 1.10 and 1.12 log none, and drop the changes of what they delete): the node that
+  deletes hears of it (its ``Deleted`` change callback, one per resource, instances included)
+  and removes the rows from the shared index, where every node sees it at once.
 * :class:`Feeder` takes this node's share of the queue (claims with a lease, see
   :mod:`minipacs.index_pg`) into the local workers as they have room, renews the leases of
   what it holds, and gives up instances whose renderings never finished ``attempts`` times.
@@ -14,15 +16,13 @@ node reaches the index.
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 from .index_pg import PostgresIndex
-from .ingest import Deletions, OrthancLookup
+from .ingest import OrthancLookup
 from .reconcile import give_up
 
 log = logging.getLogger("minipacs")
-LEVELS = {"Patient": "patients", "Study": "studies", "Series": "series", "Instance": "images"}
 GAP_WAIT = 2.0  #: seconds a missing sequence number is waited for (a transaction still open)
 
 
@@ -32,9 +32,8 @@ class ChangeFollower:
     instances were queued."""
 
     def __init__(self, index: PostgresIndex, changes: Callable[[int | None], dict],
-                 png_directory: Path, deletions: Deletions, queued: Callable[[], None]):
-        self.index, self.changes, self.png_directory = index, changes, png_directory
-        self.deletions, self.queued = deletions, queued
+                 queued: Callable[[], None]):
+        self.index, self.changes, self.queued = index, changes, queued
         self.wakeup = threading.Event()
         self._missing: dict[int, float] = {}  # sequence numbers awaited, since when
         self.followed = 0  #: changes applied by this node
@@ -51,7 +50,7 @@ class ChangeFollower:
 
     def step(self) -> bool:
         """Apply the next page of the change log; True when more is waiting."""
-        pngs, queued = [], False
+        queued = False
         with self.index.following() as held:
             if held is None:  # another node is applying it
                 return False
@@ -68,27 +67,20 @@ class ChangeFollower:
             moved, blocked = position, False
             for change in answer["Changes"]:
                 seq = change["Seq"]
-                kind, level = change["ChangeType"], LEVELS.get(change["ResourceType"])
                 # A missing number may be a transaction still open (Orthanc's nodes write at
-                # once): the position waits for it, GAP_WAIT at most (a rolled-back one never
-                # comes). Past it, new instances are queued already (queueing twice is nothing),
-                # deletions wait, to be applied in the log's order.
+                # once): the position waits for it, GAP_WAIT at most (a rolled-back one, or the
+                # change of a resource deleted since, never comes). The new instances past it
+                # are queued already: queueing one twice is nothing.
                 blocked = blocked or any(now - self._missing[n] < GAP_WAIT for n in range(moved + 1, seq))
-                if kind == "NewInstance":
+                if change["ChangeType"] == "NewInstance":
                     self.index.enqueue([change["ID"]], db)
                     queued = True
-                if blocked:
-                    continue
-                if kind == "Deleted" and level:
-                    self.deletions.deleted(change["ID"])
-                    pngs += self.index.delete_in(db, level, change["ID"])
-                moved = seq
+                if not blocked:
+                    moved = seq
             more = not blocked and not answer.get("Done", True)
             self._missing = {n: t for n, t in self._missing.items() if n > moved}
             self.index.moved(db, moved)
             self.followed += moved - position
-        for name in pngs:  # once the rows are gone: a row never outlives its PNG
-            (self.png_directory / name).unlink(missing_ok=True)
         if queued:
             self.queued()
         return more

@@ -290,9 +290,5 @@ class PostgresIndex(idx.Index):
                              "FOR UPDATE SKIP LOCKED", ()).fetchone()
             yield None if row is None else (db, int(row[0]))
 
-    def delete_in(self, db: _Connection, table: str, orthanc_id: str) -> list[str]:
-        """:meth:`delete` inside the transaction of :meth:`following`."""
-        return self._delete(db, table, orthanc_id)
-
     def moved(self, db: _Connection, last: int) -> None:
         db.execute("UPDATE state SET value = ? WHERE name = 'last_change'", (str(last),))

@@ -15,10 +15,13 @@ log = logging.getLogger("minipacs")
 def remove(index: idx.Index, png_directory: Path, table: str, orthanc_id: str,
            deletions: Deletions | None = None) -> int:
     """Forget a resource Orthanc deleted: its rows, those under it, and their PNGs; and, in
-    ``deletions``, that it was deleted, for the instances being rendered meanwhile."""
+    ``deletions``, that it was deleted, for the instances being rendered meanwhile. An
+    instance's PNG goes even without a row (rendered by a node that died before writing it)."""
     if deletions is not None:
         deletions.deleted(orthanc_id)
     pngs = index.delete(table, orthanc_id)
+    if table == "images":
+        (png_directory / f"{orthanc_id}.png").unlink(missing_ok=True)
     for name in pngs:
         (png_directory / name).unlink(missing_ok=True)
     return len(pngs)

@@ -114,9 +114,6 @@ CREATE INDEX IF NOT EXISTS images_flagged_in_order ON images(anomaly_score DESC,
     WHERE flagged = 1;
 CREATE INDEX IF NOT EXISTS images_flagged_by_modality
     ON images(modality, anomaly_score DESC, orthanc_id, flagged) WHERE flagged = 1;
-
--- What the index has followed of Orthanc (the last change read from Orthanc's change log).
-CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 SCHEMA = TABLES + """
 -- Instances handed to a renderer and not yet written: a crash (of Orthanc or of a renderer)
@@ -300,21 +297,28 @@ _IMAGE = (("OrthancID", "i.orthanc_id"), ("SOPInstanceUID", "i.sop_uid"),
           ("IndexedAt", "i.indexed_at"))
 
 
-def _json_value(sql: str, kind: str = "") -> str:
+def _json_value(sql: str, kind: str = "", postgresql: bool = False) -> str:
     """A column as a JSON value that reads back as the value stored: SQLite has no booleans,
     and writes a REAL with 15 significant digits, too few to read back the same float (17 are
-    enough, and ``json()`` makes the text a number). JSON has no infinity: it becomes null."""
+    enough, and ``json()`` makes the text a number); PostgreSQL's doubles are already written
+    so. JSON has no infinity: it becomes null."""
     if kind == BOOLEAN:
+        if postgresql:  # the column is an INTEGER there too
+            return f"CASE WHEN {sql} <> 0 THEN true WHEN {sql} = 0 THEN false END"
         return f"json(CASE WHEN {sql} THEN 'true' WHEN NOT {sql} THEN 'false' END)"
     if kind == REAL:
+        if postgresql:
+            return f"CASE WHEN abs({sql}) < CAST('Infinity' AS double precision) THEN {sql} END"
         return (f"CASE WHEN abs({sql}) <= 1.7976931348623157e308 "
                 f"THEN json(printf('%!.17g', {sql})) END")
     return sql
 
 
-def _json_object(columns: tuple[tuple[str, ...], ...]) -> str:
+def _json_object(columns: tuple[tuple[str, ...], ...], postgresql: bool = False) -> str:
     """The SQL expression of a row as one JSON object, its keys in the order of ``columns``."""
-    return "json_object(" + ", ".join(f"'{key}', {_json_value(*rest)}" for key, *rest in columns) + ")"
+    values = ", ".join(f"'{key}', {_json_value(sql, *kind, postgresql=postgresql)}"
+                       for key, sql, *kind in columns)
+    return f"{'json_build_object' if postgresql else 'json_object'}({values})"
 
 
 def _image_json(row: str) -> str:

@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS claims (
 CREATE INDEX IF NOT EXISTS claims_in_order ON claims(queued);
 CREATE TABLE IF NOT EXISTS counters (name TEXT, backend INTEGER, n INTEGER NOT NULL,
                                      PRIMARY KEY (name, backend));
+-- What the nodes have followed of Orthanc: the last change read from its change log.
+CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -54,8 +56,7 @@ def _triggers() -> str:
     """The counters, the copies of the parents' columns in the images and the images' JSON
     answer, as SQLite's triggers keep them (minipacs.index)."""
     flagged = "(CASE WHEN {row}.flagged = 1 THEN 1 ELSE 0 END)"
-    item = idx._json_object(idx._IMAGE).replace("json_object(", "json_build_object(")
-    item = re.sub(r"\bi\.", "NEW.", _pg_json(item))
+    item = re.sub(r"\bi\.", "NEW.", idx._json_object(idx._IMAGE, postgresql=True))
     levels = []
     for table in idx.LEVELS:
         levels.append(f"""
@@ -95,15 +96,6 @@ CREATE OR REPLACE FUNCTION minipacs_item() RETURNS trigger LANGUAGE plpgsql AS $
 CREATE OR REPLACE TRIGGER images_item BEFORE INSERT OR UPDATE ON images
     FOR EACH ROW EXECUTE FUNCTION minipacs_item();""")
     return "\n".join(levels)
-
-
-def _pg_json(sql: str) -> str:
-    """SQLite's JSON value expressions (minipacs.index._json_value) in PostgreSQL: a boolean is
-    a boolean, and a double's text is already the shortest that reads back the same."""
-    sql = re.sub(r"json\(CASE WHEN ([\w.]+) THEN 'true' WHEN NOT \1 THEN 'false' END\)",
-                 r"CASE WHEN \1 <> 0 THEN true WHEN \1 = 0 THEN false END", sql)
-    return re.sub(r"CASE WHEN abs\(([\w.]+)\) <= 1.7976931348623157e308 THEN json\(printf\('%!.17g', \1\)\) END",
-                  r"CASE WHEN abs(\1) < CAST('Infinity' AS double precision) THEN \1 END", sql)
 
 
 def _nulls(columns: str) -> str:
@@ -162,7 +154,6 @@ class PostgresIndex(idx.Index):
                        "reason": "starts_with(i.anomaly_reason || ':', ? || ':')"}
     now = "minipacs_now()"
     key = "orthanc_id"
-    shared = True
 
     def __init__(self, dsn: str, node: str, lease: float = 30.0):
         self.path, self.node, self.lease = dsn, node, lease
@@ -201,8 +192,7 @@ class PostgresIndex(idx.Index):
     def columns(self, level: idx.Level) -> str:
         if not level.fields:
             return level.columns
-        built = idx._json_object(level.fields).replace("json_object(", "json_build_object(")
-        return f"CAST({_pg_json(built)} AS text)"
+        return f"CAST({idx._json_object(level.fields, postgresql=True)} AS text)"
 
     # Claims with a lease ------------------------------------------------------------------
 

@@ -286,10 +286,12 @@ class MiniPacs:
         self.feeder.wakeup.set()
 
     def keep_reconciled(self) -> None:
-        """At start, then whenever the worker is idle and the counts differ, and every tenth
-        time in any case (one stale row beside one missing leaves the counts equal): the index
-        follows Orthanc even after a crash, a full queue, or changes made while minipacs was off.
-        At start, PNGs that failed to be written are retried and files without a row removed."""
+        """At start, then whenever the worker is idle and the counts differ or Orthanc stored
+        something since the last comparison (its change log moved: a stale row beside a missing
+        one leaves the counts equal), and every tenth time in any case: the index follows Orthanc
+        by identity even after a crash, a full queue, a missed deletion, or changes made while
+        minipacs was off. At start, PNGs that failed to be written are retried and files without
+        a row removed."""
         config = self.config
         if self.follower:  # where the change log is followed from, before Orthanc is compared
             try:
@@ -311,13 +313,14 @@ class MiniPacs:
         if self.follower:
             for name, target in (("minipacs-changes", self.follower.run), ("minipacs-feeder", self.feeder.run)):
                 threading.Thread(target=target, args=(self.stopping,), name=name, daemon=True).start()
-        rounds = 0
+        rounds, compared = 0, rest_get("/changes?last")["Last"]
         while config.reconcile_interval and not self.stopping.wait(config.reconcile_interval):
             rounds += 1
             if not self.worker.stats()["idle"]:
                 continue
-            stored = rest_get("/statistics")["CountInstances"]
-            if rounds % 10 == 0 or stored != self.index.counts()["images"]:
+            stored, last = rest_get("/statistics")["CountInstances"], rest_get("/changes?last")["Last"]
+            if rounds % 10 == 0 or last != compared or stored != self.index.counts()["images"]:
+                compared = last
                 self.reconcile()
                 if self.follower:  # a killed node's renderings left PNGs that no node will write
                     sweep(self.index, config.png_directory, time.time() - config.claim_lease)

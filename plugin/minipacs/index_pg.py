@@ -166,7 +166,7 @@ class PostgresIndex(idx.Index):
 
     def _connection(self) -> _Connection:
         db = self._connections.get(threading.get_ident())
-        if db is None or db.connection.closed:
+        if db is None or db.connection.closed or db.connection.broken:  # PostgreSQL restarted
             db = _Connection(psycopg.connect(self.path, autocommit=True))
             self._connections[threading.get_ident()] = db
         return db

@@ -38,15 +38,19 @@ class ChangeFollower:
         self._missing: dict[int, float] = {}  # sequence numbers awaited, since when
         self.followed = 0  #: changes applied by this node
 
-    def run(self, stopping: threading.Event, interval: float = 1.0) -> None:
+    def run(self, stopping: threading.Event, interval: float = 1.0, least: float = 0.25) -> None:
+        """Follow the log when woken (a ``NewInstance`` here) or every ``interval`` seconds (the
+        other nodes'), at most every ``least`` seconds: while Orthanc stores a burst, one round
+        queues many instances, and Orthanc's own work comes first."""
         while not stopping.is_set():
             self.wakeup.wait(interval)
-            self.wakeup.clear()
             try:
+                self.wakeup.clear()
                 while self.step() and not stopping.is_set():
                     pass
             except Exception:  # Orthanc or PostgreSQL unavailable a moment: the next round retries
                 log.exception("following Orthanc's change log failed")
+            stopping.wait(least)
 
     def step(self) -> bool:
         """Apply the next page of the change log; True when more is waiting."""

@@ -26,11 +26,13 @@ from minipacs import __version__
 from minipacs.client import Orthanc as OrthancClient
 from minipacs.config import from_orthanc
 from minipacs.index import WRITE_FAILED, Index
+from minipacs.kos import KeyObjects
 from minipacs.ingest import Settings
 from minipacs.reconcile import reconcile, remove, sweep
 from minipacs.orthanc_ids import OrthancIds
 from minipacs.render import image_array
 from minipacs.rescore import Rescorer
+from minipacs.reviews import reviewer_from
 from minipacs.routes import Response, Router, json_response
 from minipacs.sandbox import Sandbox
 from minipacs.scoring import ModelSlot, Score
@@ -55,6 +57,18 @@ class _OrthancLog(logging.Handler):
             orthanc.LogWarning(message)
         else:
             orthanc.LogInfo(message)
+
+
+# Every callable handed to RegisterRestCallback, for the interpreter's whole life. orthanc-python
+# 5.0 (Debian 13) drops its reference to each REST callback while finalizing, without the GIL:
+# if that was the last reference (a bound method, a lambda), the object is freed there and Orthanc
+# dies with SIGSEGV/SIGABRT at every stop. A module-level function, or one kept here, survives.
+_REST_CALLBACKS: list = []
+
+
+def register_rest(uri: str, callback) -> None:
+    _REST_CALLBACKS.append(callback)
+    orthanc.RegisterRestCallback(uri, callback)
 
 
 log = logging.getLogger("minipacs")
@@ -97,12 +111,14 @@ class Lookup:
     (the default) nothing, so Orthanc's API and change log are bare Orthanc's; ``flagged`` a
     flagged image's reason, one write; ``all`` every image's score and flag too (two change-log
     entries per instance). Metadata must be declared in ``UserMetadata``; labels (Orthanc >= 1.12)
-    mark studies with a flagged image in both publishing modes. Writes to an instance deleted
+    mark studies with a flagged image in both publishing modes. With ``AutomaticKeyObjects``, a
+    flag set or cleared rewrites the study's KOS (``key_objects``). Writes to an instance deleted
     meanwhile are dropped quietly."""
 
     def __init__(self, index: Index, publish: str, declared: set[str],
-                 revisions: OrthancClient | None = None):
+                 revisions: OrthancClient | None = None, key_objects: KeyObjects | None = None):
         self.index, self.mode, self.revisions = index, publish, revisions
+        self.key_objects = key_objects if key_objects is not None and key_objects.automatic else None
         self.scores = publish == "all" and {SCORE_METADATA, FLAG_METADATA} <= declared
         self.reasons = publish != "none" and REASON_METADATA in declared
 
@@ -143,6 +159,8 @@ class Lookup:
             self._delete(f"/instances/{instance_id}/metadata/{REASON_METADATA}")
         if self.mode != "none" and (score.flagged or was_flagged):  # else the label cannot change
             self.label(study_id)
+        if self.key_objects is not None and (score.flagged or was_flagged):
+            self.key_objects.update(study_id)
 
     def label(self, study_id: str) -> None:
         """Give the study the flag label while the index holds a flagged image of it, and take it
@@ -159,6 +177,16 @@ class Lookup:
                 orthanc.RestApiPut(f"/studies/{study_id}/labels/{FLAG_LABEL}", "")
             elif labelled and not flagged:
                 orthanc.RestApiDelete(f"/studies/{study_id}/labels/{FLAG_LABEL}")
+
+
+def store_instance(data: bytes) -> str:
+    """Store a DICOM file minipacs wrote (a KOS) in Orthanc; its Orthanc ID."""
+    return json.loads(orthanc.RestApiPost("/instances", data))["ID"]
+
+
+def delete_instance(instance_id: str) -> None:
+    with gone_quietly():  # deleted meanwhile, by hand or with its study
+        orthanc.RestApiDelete(f"/instances/{instance_id}")
 
 
 @contextlib.contextmanager
@@ -226,7 +254,10 @@ class MiniPacs:
         if wanted - declared:
             log.warning("PublishToOrthanc is %r: declare %s in UserMetadata to see scores in "
                         "Orthanc", config.publish, ", ".join(sorted(wanted - declared)))
-        self.lookup = Lookup(self.index, config.publish, declared, revisions_client(configuration))
+        self.key_objects = KeyObjects(self.index, store_instance, delete_instance,
+                                      lambda study: rest_get(f"/studies/{study}"), config.automatic_key_objects)
+        self.lookup = Lookup(self.index, config.publish, declared, revisions_client(configuration),
+                             self.key_objects)
         self.models = ModelSlot(config.model_path, config.anomaly_threshold)
         self.models.try_load()
         if self.models.error:
@@ -249,7 +280,11 @@ class MiniPacs:
         self.router = Router(self.index, config.png_directory, self.ingest_stats, self.models,
                              rescorer, lambda: {**orthanc_features(),
                                                 "metadata": self.lookup.scores or self.lookup.reasons,
-                                                "publish": config.publish})
+                                                "publish": config.publish}, self.key_objects)
+        # Orthanc checks the HTTP Basic user only with authentication on (its default: on
+        # where remote access is allowed); otherwise the header is anyone's claim.
+        self.authenticated = configuration.get("AuthenticationEnabled",
+                                               configuration.get("RemoteAccessAllowed", False)) is True
         self.official_ohif = official_plugin(configuration.get("Plugins", []))
         self.ohif = OhifSite(config.ohif_directory,
                              configuration.get("DicomWeb", {}).get("Root", "/dicom-web/"))
@@ -355,8 +390,9 @@ class MiniPacs:
 
     def on_rest(self, output, uri, **request) -> None:
         groups = request.get("groups") or ("",)
+        user = reviewer_from(request.get("headers") or {}, self.authenticated)
         answer(output, self.router.handle(request["method"], groups[0], request.get("get") or {},
-                                          request.get("body") or b""))
+                                          request.get("body") or b"", user))
 
     def on_ohif(self, output, uri, **request) -> None:
         groups = request.get("groups") or ("",)
@@ -366,13 +402,13 @@ class MiniPacs:
         self.worker.start()
         orthanc.RegisterOnChangeCallback(self.on_change)
         for uri in ("/minipacs", "/minipacs/(.*)"):
-            orthanc.RegisterRestCallback(uri, self.on_rest)
+            register_rest(uri, self.on_rest)
         if self.official_ohif:
             log.warning("Orthanc's OHIF plugin (%s) serves /ohif/: minipacs links to it",
                         self.official_ohif)
         else:
             for uri in ("/ohif", "/ohif/(.*)"):
-                orthanc.RegisterRestCallback(uri, self.on_ohif)
+                register_rest(uri, self.on_ohif)
         where = f"PostgreSQL (node {self.index.node})" if self.follower else self.config.database
         log.warning("minipacs %s: index %s, PNGs in %s", __version__, where, self.config.png_directory)
 
@@ -387,7 +423,7 @@ def register_failure(error: Exception) -> None:
     failed = json_response({"error": f"minipacs is not running: {type(error).__name__}: {error}",
                             "status": 503}, 503)
     for uri in ("/minipacs", "/minipacs/(.*)"):
-        orthanc.RegisterRestCallback(uri, lambda output, uri, **request: answer(output, failed))
+        register_rest(uri, lambda output, uri, **request: answer(output, failed))
 
 
 # Orthanc's threads need the GIL to queue an instance or answer a route: let the worker's Python

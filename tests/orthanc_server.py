@@ -100,7 +100,8 @@ class OrthancServer:
                 raise RuntimeError(f"Orthanc did not answer within {timeout}s:\n{self.log_tail()}")
             time.sleep(0.2)
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """SIGTERM, as systemd and `docker stop` send; Orthanc's exit status (-9: killed)."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -108,6 +109,7 @@ class OrthancServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        return self.process.returncode if self.process else None
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

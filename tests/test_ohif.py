@@ -103,3 +103,23 @@ def test_without_ohif_the_route_says_so(tmp_path):
         assert server.get("/minipacs/counts").status_code == 200 and server.alive()
     finally:
         server.stop()
+
+
+def test_ohif_lists_the_kos_of_the_study(ohif_server):
+    """A study's KOS (docs/reviews.md) is a series of modality KO in OHIF's study browser, under
+    its description; OHIF does not display it as an image."""
+    ohif_server.wait_for_ingest()
+    image = ohif_server.json(f"/minipacs/studies/{ohif_server.study_uid}/series")["items"][0]
+    image = ohif_server.json(f"/minipacs/series/{image['SeriesInstanceUID']}/images")["items"][0]
+    answer = ohif_server.session.post(f"{ohif_server.url}/minipacs/images/{image['SOPInstanceUID']}/review",
+                                      json={"verdict": "invalid", "reason": "picture"})
+    assert answer.status_code == 200
+    made = ohif_server.session.post(f"{ohif_server.url}/minipacs/studies/{ohif_server.study_uid}/kos").json()
+    assert made["Instances"] == [image["SOPInstanceUID"]]
+    with chromium_page() as page:
+        page.goto(f"{ohif_server.url}/ohif/viewer?StudyInstanceUIDs={ohif_server.study_uid}",
+                  wait_until="domcontentloaded")
+        wait_for_viewport_image(page)
+        page.get_by_text("minipacs: rejected for quality reasons").wait_for()
+        page.screenshot(path=str(ARTIFACTS / "viewer-kos.png"))
+        assert "KO" in page.inner_text("body")

@@ -299,6 +299,22 @@ def test_orthancs_decoder_takes_over_where_pydicom_fails(orthanc, tmp_path):
     assert np.array_equal(png, np.asarray(Image.open(tmp_path / "ref.png")))
 
 
+def test_orthanc_stops_cleanly_with_minipacs(tmp_path):
+    """Exit status 0 after SIGTERM, every route of the plugin having been used. orthanc-python
+    5.0 (Debian 13) took Orthanc down with SIGSEGV at every stop while it held the last
+    reference to a REST callback (a bound method): nothing else noticed."""
+    server = OrthancServer(tmp_path).start()
+    try:
+        assert server.upload(find("CT_small.dcm").read_bytes()).status_code == 200
+        server.wait_for_ingest()
+        assert server.json("/minipacs/counts")["images"] == 1
+        assert server.get("/ohif/").status_code in (200, 404)  # 404: OHIF not installed
+    finally:
+        status = server.stop()
+    assert status == 0, server.log_tail()
+    assert server.log_tail(1).endswith("Orthanc has stopped")
+
+
 def test_a_bad_configuration_leaves_orthanc_running_and_says_why(tmp_path):
     server = OrthancServer(tmp_path)
     server.config["MiniPacs"]["PngCompressLevel"] = 42
@@ -309,7 +325,8 @@ def test_a_bad_configuration_leaves_orthanc_running_and_says_why(tmp_path):
         assert server.upload(find("CT_small.dcm").read_bytes()).status_code == 200
         assert server.json("/statistics")["CountInstances"] == 1
     finally:
-        server.stop()
+        status = server.stop()
+    assert status == 0, server.log_tail()  # the routes that answer 503 are callbacks too
     # Fixed, the plugin catches up with what was stored meanwhile.
     server.config["MiniPacs"]["PngCompressLevel"] = 1
     server.start()

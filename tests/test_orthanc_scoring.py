@@ -1,6 +1,7 @@
 """Scoring inside a real Orthanc: scores in the index and in Orthanc, live model swap, rescore."""
 
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -18,19 +19,30 @@ def store_study(server, slices: int = 6) -> None:
     server.wait_for_ingest()
 
 
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    work = tmp_path_factory.mktemp("scored")
+@contextmanager
+def scoring_server(work, publish: str | None, slices: int = 6, **orthanc_options):
+    """A started Orthanc scoring with a brightness model (dark slices flagged) and the
+    synthetic study stored; ``publish`` None leaves PublishToOrthanc at its default."""
     model = brightness_model(work / "bright.onnx", size=16, threshold=0.2, version="bright-0.2")
-    server = OrthancServer(work / "orthanc")
-    server.config["MiniPacs"].update(ModelPath=str(model), PublishToOrthanc="all")
+    server = OrthancServer(work / "orthanc", **orthanc_options)
+    server.config["MiniPacs"]["ModelPath"] = str(model)
+    if publish is not None:
+        server.config["MiniPacs"]["PublishToOrthanc"] = publish
+    server.work = work
+    if "RegisteredUsers" in orthanc_options:
+        server.session.auth = next(iter(orthanc_options["RegisteredUsers"].items()))
     server.start()
     try:
-        store_study(server)
-        server.work = work
+        store_study(server, slices)
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    with scoring_server(tmp_path_factory.mktemp("scored"), "all") as server:
+        yield server
 
 
 def test_every_rendered_image_is_scored_and_mirrored_in_orthanc(scored):
@@ -154,12 +166,7 @@ def changes(server) -> list[dict]:
 def test_by_default_orthanc_shows_what_bare_orthanc_shows(tmp_path):
     """PublishToOrthanc "none" (the default): scoring, flags included, adds no metadata and no
     change to Orthanc's own API (Orthanc's integration suite passes as on bare Orthanc)."""
-    model = brightness_model(tmp_path / "bright.onnx", size=16, threshold=0.2, version="bright-0.2")
-    server = OrthancServer(tmp_path / "orthanc")
-    server.config["MiniPacs"]["ModelPath"] = str(model)
-    server.start()
-    try:
-        store_study(server)
+    with scoring_server(tmp_path, None) as server:
         images = server.json("/minipacs/images?limit=1000")["items"]
         assert any(i["Flagged"] for i in images)
         for image in images:
@@ -167,19 +174,12 @@ def test_by_default_orthanc_shows_what_bare_orthanc_shows(tmp_path):
             assert not [name for name in names if name.startswith("MiniPacs")], image
         assert "UpdatedMetadata" not in {c["ChangeType"] for c in changes(server)}
         assert server.json("/minipacs/")["orthanc"]["publish"] == "none"
-    finally:
-        server.stop()
 
 
 def test_publishing_the_flags_only(tmp_path):
     """PublishToOrthanc "flagged": normal images keep Orthanc's own metadata and change log; a
     flagged image gets one write (its reason); a rescore that clears a flag deletes it."""
-    model = brightness_model(tmp_path / "bright.onnx", size=16, threshold=0.2, version="bright-0.2")
-    server = OrthancServer(tmp_path / "orthanc")
-    server.config["MiniPacs"].update(ModelPath=str(model), PublishToOrthanc="flagged")
-    server.start()
-    try:
-        store_study(server)
+    with scoring_server(tmp_path, "flagged") as server:
         images = server.json("/minipacs/images?limit=1000")["items"]
         flagged = [i for i in images if i["Flagged"]]
         assert flagged and len(flagged) < len(images)
@@ -197,8 +197,6 @@ def test_publishing_the_flags_only(tmp_path):
         assert cleared, "the lenient model clears some flags"
         for image in cleared:
             assert "MiniPacsAnomalyReason" not in server.json(f"/instances/{image['OrthancID']}/metadata")
-    finally:
-        server.stop()
 
 
 def test_a_study_is_labelled_while_it_has_a_flagged_image(scored):
@@ -239,14 +237,8 @@ def test_check_revisions_is_honoured(tmp_path):
     """With CheckRevisions (and authentication) on, Orthanc refuses a metadata write over an
     existing value without If-Match: minipacs sends the revision, so rescoring with another
     model replaces every published score, and no write is refused."""
-    bright = brightness_model(tmp_path / "bright.onnx", size=16, threshold=0.2, version="bright-0.2")
-    server = OrthancServer(tmp_path / "orthanc", CheckRevisions=True, AuthenticationEnabled=True,
-                           RegisteredUsers={"alice": "secret"})
-    server.config["MiniPacs"].update(ModelPath=str(bright), PublishToOrthanc="all")
-    server.session.auth = ("alice", "secret")
-    server.start()
-    try:
-        store_study(server, slices=4)
+    with scoring_server(tmp_path, "all", slices=4, CheckRevisions=True, AuthenticationEnabled=True,
+                        RegisteredUsers={"alice": "secret"}) as server:
         first = server.json("/minipacs/images?limit=1000")["items"]
         sample = first[0]["OrthancID"]
         refused = server.session.put(f"{server.url}/instances/{sample}/metadata/MiniPacsFlagged", data="x")
@@ -262,5 +254,3 @@ def test_check_revisions_is_honoured(tmp_path):
             assert server.get(f"/instances/{image['OrthancID']}/metadata/MiniPacsFlagged").text == "1"
             reason = server.get(f"/instances/{image['OrthancID']}/metadata/MiniPacsAnomalyReason").text
             assert reason == image["AnomalyReason"]
-    finally:
-        server.stop()

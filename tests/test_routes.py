@@ -136,7 +136,7 @@ def test_unknown_query_parameters_are_refused_naming_the_accepted_ones(router):
     status, body = get(router, "anomalies", limt=3)
     assert status == 400 and "'limt'" in body["error"]
     assert body["Accepted"] == ["limit", "offset", "patient", "study", "series", "modality",
-                                "min_score", "reason"]
+                                "min_score", "reason", "reviewed"]
     assert get(router, "patients", status="rendered")[0] == 400  # a filter of images only
     assert get(router, "images", status="rendered")[0] == 200
     status, body = get(router, "counts", x="1")

@@ -372,3 +372,19 @@ def test_scoring_routes(archive, tmp_path):
     assert call(router, "DELETE", "rescore")[0] == 405
     status, page = call(router, "GET", "ui")
     assert status == 200 and b"Flagged images" in page
+
+
+@pytest.mark.parametrize("loads, calls_home", [("minipacs.scoring", False), ("onnxruntime", True)])
+def test_onnx_runtime_telemetry_is_off_unless_the_operator_turns_it_on(tmp_path, model, loads, calls_home):
+    """ONNX Runtime >= 1.32 records a telemetry device ID under $HOME at its first session; the
+    plugin turns telemetry off (a hospital archive should not call out). Plain onnxruntime, the
+    control, shows the check can see it."""
+    import os
+    import subprocess
+    import sys
+    code = (f"import {loads}, onnxruntime; "
+            f"onnxruntime.InferenceSession({str(model)!r}, providers=['CPUExecutionProvider'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    env["HOME"] = str(tmp_path)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    assert bool(list(tmp_path.rglob("deviceid"))) is calls_home

@@ -163,13 +163,16 @@ def test_onnx_model_is_what_the_plugin_loads(run):
     assert np.allclose(session.run(["p_valid"], {"image": preprocess.batch(images[:1])})[0], p[:1], atol=1e-6)
 
 
-def test_dataset_from_the_plugin_store(tmp_path):
-    """Retraining from what Orthanc ingested: the PNG store and the SQLite index."""
+def plugin_store(tmp_path: Path, anomalies: float = 0.0) -> tuple[Path, Path, list]:
+    """A small archive as the plugin keeps it: the SQLite index (rows written as the plugin's
+    schema has them) and the PNG store of 4 synthetic patients. Returns (index, PNG folder,
+    datasets, the n-th with Orthanc ID ``i-<n>``)."""
     png_dir, database = tmp_path / "png", tmp_path / "index.sqlite"
     png_dir.mkdir()
     db = sqlite3.connect(database)
     db.executescript(index.SCHEMA)
-    for n, ds in enumerate(synth.generate(4, seed=5, size=64, slices=2, anomalies=0)):
+    datasets = list(synth.generate(4, seed=5, size=64, slices=2, anomalies=anomalies))
+    for n, ds in enumerate(datasets):
         patient, study, series = f"p-{ds.PatientID}", f"s-{ds.StudyInstanceUID}", f"se-{ds.SeriesInstanceUID}"
         db.execute("INSERT OR IGNORE INTO patients (orthanc_id, patient_id) VALUES (?, ?)", (patient, ds.PatientID))
         db.execute("INSERT OR IGNORE INTO studies (orthanc_id, patient, study_uid) VALUES (?, ?, ?)",
@@ -181,13 +184,64 @@ def test_dataset_from_the_plugin_store(tmp_path):
                    (f"i-{n}", series, ds.SOPInstanceUID, f"{n}.png"))
     db.commit()
     db.close()
+    return database, png_dir, datasets
+
+
+def test_dataset_from_the_plugin_store(tmp_path):
+    """Retraining from what Orthanc ingested: the PNG store and the SQLite index."""
+    database, png_dir, datasets = plugin_store(tmp_path)
     out = tmp_path / "data"
     training_cli("dataset", "--out", str(out), "--index", str(database), "--png-dir", str(png_dir), "--augmentations", "1")
     rows = manifest(out)
     originals = [r for r in rows if r["kind"] == "original"]
-    assert len(originals) == n + 1 and all(r["source"].startswith(str(png_dir)) for r in originals)
+    assert len(originals) == len(datasets) and all(r["source"].startswith(str(png_dir)) for r in originals)
     splits = patient_splits(rows)
     assert len(splits) == 4 and all(len(s) == 1 for s in splits.values())
+
+
+def test_retraining_from_the_reviews(tmp_path):
+    """``train all --index --png-dir`` on an archive the team reviewed: dismissed flags are
+    learnt as valid, confirmed flags and reported misses as invalid for the reviewer's reason,
+    each repeated in the training split; a flag nobody reviewed is left out; the report
+    compares the new model with the one in use on the reviewed images."""
+    from minipacs import reviews
+
+    database, png_dir, datasets = plugin_store(tmp_path, anomalies=1.0)
+    anomalous = [n for n, ds in enumerate(datasets) if synth.anomaly_of(ds)]
+    normal = [n for n, ds in enumerate(datasets) if not synth.anomaly_of(ds)]
+    assert len(anomalous) >= 2
+    store = index.Index(database)  # the plugin's own index code: the reviews table, its queries
+    flags = {anomalous[0]: "picture", normal[0]: "overlay", normal[1]: "overlay", normal[2]: "overlay"}
+    store.set_scores([{"orthanc_id": f"i-{n}", "anomaly_score": 0.9, "flagged": 1, "anomaly_reason": reason,
+                       "model_version": "in-use", "threshold": 0.5} for n, reason in flags.items()])
+    verdicts = {anomalous[0]: ("invalid", "picture", "confirmed"), normal[0]: ("valid", None, "dismissed"),
+                normal[1]: ("valid", None, "dismissed"),
+                anomalous[1]: ("invalid", "broken_render:corrupted_rows", "missed")}
+    for n, (verdict, reason, _) in verdicts.items():
+        reviews.add(store, f"i-{n}", verdict, reason, None, "alice")
+    store.close()
+    out, weight = tmp_path / "run", 3
+    training_cli("all", "--run", str(out), "--index", str(database), "--png-dir", str(png_dir), "--epochs", "1",
+                 "--augmentations", "1", "--threshold", "0.5", "--review-weight", str(weight))
+    rows = manifest(out / "dataset")
+    sources = {r["source"] for r in rows}
+    assert str(png_dir / f"{normal[2]}.png") not in sources  # flagged, never reviewed: left out
+    for n, (verdict, reason, outcome) in verdicts.items():
+        mine = [r for r in rows if r["source"] == str(png_dir / f"{n}.png")]
+        assert {r["kind"] for r in mine} == {"reviewed"}, n
+        assert len(mine) == (weight if mine[0]["split"] == "train" else 1)
+        assert {r["reason"] for r in mine} == {reason or "valid"}
+        assert {r["class"] for r in mine} == {verdict}
+        assert {json.loads(r["params"])["outcome"] for r in mine} == {outcome}
+    compared = json.loads((out / "report" / "metrics.json").read_text())["reviews"]
+    everything = compared["all"]
+    assert everything["n"] == len(verdicts) and everything["in_use_right"] == 1  # the confirmed flag
+    assert everything["corrections"] == 3 and 0 <= everything["corrections_new_right"] <= 3
+    assert everything["by_outcome"].keys() == {"confirmed", "dismissed", "missed"}
+    assert everything["new_right"] == sum(v["new_right"] for v in everything["by_outcome"].values())
+    assert compared["test"]["n"] == sum(1 for n in verdicts for r in rows
+                                        if r["source"] == str(png_dir / f"{n}.png") and r["split"] == "test")
+    assert (out / "minipacs-anomaly.onnx").is_file()
 
 
 def test_the_classes_do_not_overlap_by_construction(tmp_path):

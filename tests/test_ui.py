@@ -17,7 +17,8 @@ UI = Path(__file__).resolve().parent.parent / "plugin" / "minipacs" / "ui.html"
 
 
 def test_the_reason_filter_offers_exactly_the_reasons_the_route_takes():
-    options = re.findall(r'<option value="([^"]*)">', UI.read_text())
+    select = re.search(r'<select id="reason".*?</select>', UI.read_text(), re.S).group(0)
+    options = re.findall(r'<option value="([^"]*)">', select)
     assert options[0] == "" and sorted(options[1:]) == sorted(reasons.FILTERS)
     assert len(options) == len(set(options))
 
@@ -132,3 +133,52 @@ def test_ui_shows_peoples_words_filters_pages_and_previews(demo_server):
         page.screenshot(path=str(out / "ui-preview.png"))
         page.keyboard.press("Escape")
         preview.wait_for(state="hidden")
+
+
+def test_reviewing_from_the_page_with_the_mouse_and_the_keyboard(demo_server):
+    """Confirm a flag with its reason, dismiss one with a key, report a missed anomaly on an
+    image that is not flagged; each is in /minipacs/images/<uid>/review, and the view of the
+    flags nobody reviewed no longer lists the two flags reviewed."""
+    out = ARTIFACTS / "ui"
+    out.mkdir(parents=True, exist_ok=True)
+    unreviewed = demo_server.json("/minipacs/anomalies?limit=200&reviewed=false")["items"]
+    assert len(unreviewed) >= 2
+    confirmed, dismissed = unreviewed[0], unreviewed[1]
+    with chromium_page() as page:
+        page.goto(f"{demo_server.url}/minipacs/ui")
+        page.select_option("#view", "unreviewed")
+        page.wait_for_selector('#anomalies[data-view="unreviewed"]', state="attached")
+        first = page.locator(f'tr.anomaly[data-uid="{confirmed["SOPInstanceUID"]}"]')
+        first.locator("select.review-reason").select_option("picture")
+        first.locator("input.review-comment").fill("a photograph of a screen")
+        first.locator("button.confirm").click()
+        page.wait_for_selector(f'tr.anomaly[data-uid="{confirmed["SOPInstanceUID"]}"][data-verdict="invalid"]')
+        second = page.locator(f'tr.anomaly[data-uid="{dismissed["SOPInstanceUID"]}"]')
+        second.focus()
+        page.keyboard.press("d")
+        page.wait_for_selector(f'tr.anomaly[data-uid="{dismissed["SOPInstanceUID"]}"][data-verdict="valid"]')
+        assert "dismissed" in second.locator(".verdict").inner_text()
+        page.screenshot(path=str(out / "ui-reviewed.png"), full_page=True)
+        page.select_option("#view", "all")
+        page.wait_for_selector('#anomalies[data-view="all"]', state="attached")
+        missed = page.locator("tr.anomaly:has(button.report)").first
+        missed_uid = missed.get_attribute("data-uid")
+        missed.locator("select.review-reason").select_option("broken_render:truncated")
+        missed.focus()
+        page.keyboard.press("r")
+        page.wait_for_selector(f'tr.anomaly[data-uid="{missed_uid}"][data-verdict="invalid"]')
+        page.select_option("#view", "unreviewed")
+        page.wait_for_selector('#anomalies[data-view="unreviewed"]', state="attached")
+        shown = set(page.locator("tr.anomaly").evaluate_all("rows => rows.map(r => r.dataset.uid)"))
+        assert shown.isdisjoint({confirmed["SOPInstanceUID"], dismissed["SOPInstanceUID"]})
+        assert len(shown) == min(25, len(unreviewed) - 2)
+    review = demo_server.json(f"/minipacs/images/{confirmed['SOPInstanceUID']}/review")["Current"]
+    assert (review["Verdict"], review["Reason"], review["Comment"], review["Outcome"]) == (
+        "invalid", "picture", "a photograph of a screen", "confirmed")
+    review = demo_server.json(f"/minipacs/images/{dismissed['SOPInstanceUID']}/review")["Current"]
+    assert (review["Verdict"], review["Reason"], review["Outcome"]) == ("valid", None, "dismissed")
+    review = demo_server.json(f"/minipacs/images/{missed_uid}/review")["Current"]
+    assert (review["Verdict"], review["Reason"], review["Outcome"]) == (
+        "invalid", "broken_render:truncated", "missed")
+    counts = demo_server.json("/minipacs/model")["Reviews"]
+    assert [(c["Confirmed"], c["Dismissed"], c["Missed"]) for c in counts] == [(1, 1, 1)]

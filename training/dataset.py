@@ -8,6 +8,7 @@ Layout under the output folder (as the predecessor's tree, one subfolder per kin
     invalid/photos, invalid/artwork, invalid/screenshots      (real pictures, training.realinvalid)
     invalid/message_box, invalid/dialog, invalid/broken, invalid/byte_order, invalid/row_stride,
     invalid/custom, invalid/archive_anomaly
+    valid/reviewed, invalid/reviewed      (the plugin's index: images reviewers judged)
     test_valid/custom                      (only ever in the test split)
     manifest.csv                           one row per file: label, split, patient, parameters
 
@@ -51,6 +52,8 @@ def reason_of(label: int, kind: str, params: dict) -> str:
     """The model class of a dataset image: ``valid``, or why it is invalid."""
     if label:
         return "valid"
+    if kind == "reviewed":
+        return params["reason"]
     if kind == "archive_anomaly":
         return ANOMALY_REASONS[params["anomaly"]]
     if "broken" in params:
@@ -77,6 +80,7 @@ class DatasetConfig:
     max_valid: int | None = None  # cap on original valid images (spread over the source)
     max_invalid: int | None = None
     seed: int = 0
+    review_weight: int = 5  # copies of each reviewed image in the training split
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -192,6 +196,9 @@ def valid_images(write: Writer, candidates, load, split_of, group, cfg: DatasetC
         if image.anomaly:  # a synthetic study's deliberate anomaly
             write(image.pixels, 0, "invalid", "archive_anomaly", params={"anomaly": image.anomaly}, **where)
             continue
+        if image.review:
+            reviewed(write, image, where, cfg.review_weight)
+            continue
         write(image.pixels, 1, "valid", "original", **where)
         for _ in range(cfg.augmentations):
             kind = kinds[turn % len(kinds)]
@@ -208,6 +215,20 @@ def valid_images(write: Writer, candidates, load, split_of, group, cfg: DatasetC
                 continue
             write(pixels, 0, "invalid", kind, params=params, **where)
             owed -= 1
+
+
+def reviewed(write: Writer, image: Valid, where: dict, weight: int) -> None:
+    """An image a reviewer judged, with the reviewer's label (a dismissed flag is valid, a
+    confirmed flag or a reported miss invalid, for its reason): ``weight`` copies in the
+    training split, so that the team's corrections count beside the many generated images;
+    one elsewhere (``copy`` 0 is the one the report compares models on)."""
+    review = image.review
+    valid = review["verdict"] == "valid"
+    params = {**review, "outcome": ("dismissed" if review["model_flagged"] else "agreed") if valid
+              else ("confirmed" if review["model_flagged"] else "missed")}
+    for copy in range(weight if where["split"] == "train" else 1):
+        write(image.pixels, int(valid), "valid" if valid else "invalid", "reviewed",
+              params={**params, "copy": copy}, **where)
 
 
 def generated_invalid(write: Writer, cfg: DatasetConfig, rng, real_in: dict) -> None:

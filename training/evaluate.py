@@ -172,6 +172,30 @@ def contact_sheet(data: Path, rows: list[dict], p: np.ndarray, path: Path, tile:
     return count
 
 
+def review_comparison(rows: list[dict], p_valid: np.ndarray, threshold: float) -> dict:
+    """The new model (``p_valid`` at ``threshold``) and the one in use (the flag each reviewer
+    saw, in the row's ``params``) against the reviewers' verdicts, by outcome of the review."""
+
+    def compare(chosen: list[int]) -> dict:
+        out = {"n": len(chosen), "in_use_right": 0, "new_right": 0, "corrections": 0,
+               "corrections_new_right": 0, "by_outcome": {}}
+        for i in chosen:
+            params = json.loads(rows[i]["params"])
+            invalid = params["verdict"] == "invalid"
+            in_use, new = params["model_flagged"] == invalid, bool(p_valid[i] < threshold) == invalid
+            out["in_use_right"] += in_use
+            out["new_right"] += new
+            out["corrections"] += not in_use
+            out["corrections_new_right"] += new and not in_use
+            kind = out["by_outcome"].setdefault(params["outcome"], {"n": 0, "new_right": 0})
+            kind["n"] += 1
+            kind["new_right"] += new
+        return out
+
+    return {"threshold": threshold, "all": compare(list(range(len(rows)))),
+            "test": compare([i for i, r in enumerate(rows) if r["split"] == "test"])}
+
+
 def write_report(folder: Path, data: Path, rows: list[dict], classes: np.ndarray, p_class: np.ndarray,
                  threshold: float, history: dict | None, extra: dict, names: tuple[str, ...]) -> dict:
     """The report of the test split: ``classes`` are the true class indices into ``names``

@@ -64,6 +64,7 @@ class Valid:
     window: tuple[float, float]
     inverted: bool
     anomaly: str | None = None  # synthetic studies mark their anomalous instances
+    review: dict | None = None  # a reviewer's verdict on an image of the plugin's index (index_reviews)
 
 
 def dicom_candidates(root: Path) -> list[Candidate]:
@@ -94,22 +95,47 @@ def load_dicom(key: str) -> Valid | None:
 
 
 def index_candidates(database: Path, png_dir: Path) -> list[Candidate]:
-    """Rendered images of the plugin's SQLite index, with their PNG in ``png_dir``."""
+    """Rendered images of the plugin's SQLite index, with their PNG in ``png_dir``; not the
+    images flagged that nobody reviewed (likely anomalies: not to be learnt as valid)."""
+    reviewed = _has_reviews(database)
+    unsure = ("AND (i.flagged IS NULL OR i.flagged = 0 OR EXISTS (SELECT 1 FROM reviews r "
+              "WHERE r.image = i.orthanc_id))") if reviewed else ""
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
-        rows = db.execute("""SELECT i.png, p.patient_id, s.study_uid FROM images i
+        rows = db.execute(f"""SELECT i.png, p.patient_id, s.study_uid FROM images i
                              JOIN series se ON se.orthanc_id = i.series
                              JOIN studies s ON s.orthanc_id = se.study
                              JOIN patients p ON p.orthanc_id = s.patient
-                             WHERE i.status = 'rendered' AND i.png IS NOT NULL ORDER BY i.png""").fetchall()
+                             WHERE i.status = 'rendered' AND i.png IS NOT NULL {unsure}
+                             ORDER BY i.png""").fetchall()
     return [Candidate(str(png_dir / png), patient, study) for png, patient, study in rows
             if (png_dir / png).is_file()]
 
 
-def load_picture(key: str) -> Valid:
+def _has_reviews(database: Path) -> bool:
+    """Whether the index has the reviews table (minipacs.reviews; older indexes do not)."""
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        return db.execute("SELECT 1 FROM sqlite_master WHERE name = 'reviews'").fetchone() is not None
+
+
+def index_reviews(database: Path, png_dir: Path) -> dict[str, dict]:
+    """The current verdict on each reviewed image of the index, by its PNG path (a candidate's
+    key): verdict, reason, and what the model in use said (its flag and version)."""
+    if not _has_reviews(database):
+        return {}
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        rows = db.execute("""SELECT i.png, i.sop_uid, r.verdict, r.reason, r.model_flagged, r.model_version
+                             FROM reviews r JOIN images i ON i.orthanc_id = r.image
+                             WHERE r.latest = 1 AND i.png IS NOT NULL""").fetchall()
+    return {str(png_dir / png): {"sop": sop, "verdict": verdict, "reason": reason,
+                                 "model_flagged": bool(flagged), "model_version": version}
+            for png, sop, verdict, reason, flagged, version in rows}
+
+
+def load_picture(key: str, review: dict | None = None) -> Valid:
     """A PNG/JPEG as display pixels; its grey values stand for modality values."""
     pixels = picture_pixels(Path(key))
     values = pixels.astype(np.float64) if pixels.ndim == 2 else None
-    return Valid(pixels, values, IDENTITY_WINDOW, False)
+    return Valid(pixels, values, IDENTITY_WINDOW, False, review=review)
 
 
 def picture_pixels(path: Path) -> np.ndarray:

@@ -34,8 +34,9 @@ class Config:
     renderer_seconds: int
     attempts: int
     publish: str
-    postgresql: str | None = None
-    claim_lease: int = 30
+    automatic_key_objects: bool
+    postgresql: str | None
+    claim_lease: int
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -57,12 +58,26 @@ _DEFAULTS: dict[str, Any] = {
     "RendererTimeLimit": 60,  # seconds (wall and CPU) a renderer may spend on one instance
     "MaxAttempts": 3,  # renderings that never finished before an instance is given up
     "PublishToOrthanc": "none",  # which scores become Orthanc metadata: none, flagged, all
+    "AutomaticKeyObjects": False,  # a KOS in every flagged study (else on request, then kept)
     # A PostgreSQL connection string: the index shared by several Orthanc nodes (docs/cluster.md)
     # instead of the SQLite file "Database".
     "PostgreSQL": None,
     "ClaimLease": 30,  # seconds before another node takes the work of a node that stopped answering
 }
 PUBLISH_MODES = ("none", "flagged", "all")
+# The integer options' bounds: (lowest, highest or None, unit for the message).
+_BOUNDS: dict[str, tuple[int, int | None, str]] = {
+    "PngCompressLevel": (0, 3, ""),
+    "WindowIndex": (0, None, ""),
+    "QueueSize": (1, None, ""),
+    "Workers": (1, 16, ""),
+    "DeferWhileStoring": (0, 3600, " seconds"),
+    "ReconcileInterval": (0, None, " (off)"),
+    "RendererMemoryLimit": (64, 1 << 20, " MB"),
+    "RendererTimeLimit": (1, 3600, " seconds"),
+    "MaxAttempts": (1, 100, ""),
+    "ClaimLease": (3, 3600, " seconds"),
+}
 
 
 def _typed(options: Mapping[str, Any], key: str, kind: type) -> Any:
@@ -72,6 +87,16 @@ def _typed(options: Mapping[str, Any], key: str, kind: type) -> Any:
     # bool is an int in Python: refuse true/false where a number is wanted.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigError(f"{SECTION}.{key} must be of type {kind.__name__}, not {value!r}")
+    return value
+
+
+def _bounded(options: Mapping[str, Any], key: str) -> int:
+    value = _typed(options, key, int)
+    low, high, unit = _BOUNDS[key]
+    if high is None and value < low:
+        raise ConfigError(f"{SECTION}.{key} must be at least {low}{unit}, not {value}")
+    if high is not None and not low <= value <= high:
+        raise ConfigError(f"{SECTION}.{key} must be within {low}..{high}{unit}, not {value}")
     return value
 
 
@@ -94,12 +119,7 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
         return default if value is None else (base / value)
 
     data = path("DataDirectory", base / "minipacs-data")
-    level = _typed(options, "PngCompressLevel", int)
-    if not 0 <= level <= 3:
-        raise ConfigError(f"{SECTION}.PngCompressLevel must be within 0..3, not {level}")
-    window_index = _typed(options, "WindowIndex", int)
-    if window_index < 0:
-        raise ConfigError(f"{SECTION}.WindowIndex must be at least 0, not {window_index}")
+    ints = {key: _bounded(options, key) for key in _BOUNDS}
     threshold = options.get("AnomalyThreshold")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not 0 <= threshold <= 1):
@@ -107,24 +127,6 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
     model = _typed(options, "ModelPath", str)
     if _typed(options, "OhifDirectory", str) == "":
         raise ConfigError(f"{SECTION}.OhifDirectory must not be empty")
-    interval = _typed(options, "ReconcileInterval", int)
-    if interval < 0:
-        raise ConfigError(f"{SECTION}.ReconcileInterval must be at least 0 (off), not {interval}")
-    workers = _typed(options, "Workers", int)
-    if not 1 <= workers <= 16:
-        raise ConfigError(f"{SECTION}.Workers must be within 1..16, not {workers}")
-    defer = _typed(options, "DeferWhileStoring", int)
-    if not 0 <= defer <= 3600:
-        raise ConfigError(f"{SECTION}.DeferWhileStoring must be within 0..3600 seconds, not {defer}")
-    memory = _typed(options, "RendererMemoryLimit", int)
-    if not 64 <= memory <= 1 << 20:
-        raise ConfigError(f"{SECTION}.RendererMemoryLimit must be within 64..1048576 MB, not {memory}")
-    seconds = _typed(options, "RendererTimeLimit", int)
-    if not 1 <= seconds <= 3600:
-        raise ConfigError(f"{SECTION}.RendererTimeLimit must be within 1..3600 seconds, not {seconds}")
-    attempts = _typed(options, "MaxAttempts", int)
-    if not 1 <= attempts <= 100:
-        raise ConfigError(f"{SECTION}.MaxAttempts must be within 1..100, not {attempts}")
     publish = _typed(options, "PublishToOrthanc", str)
     if publish not in PUBLISH_MODES:
         raise ConfigError(f"{SECTION}.PublishToOrthanc must be one of {', '.join(PUBLISH_MODES)}, "
@@ -134,31 +136,26 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
         raise ConfigError(f"{SECTION}.PostgreSQL and {SECTION}.Database name two indexes: keep one")
     if postgresql == "":
         raise ConfigError(f"{SECTION}.PostgreSQL must be a connection string, not empty")
-    lease = _typed(options, "ClaimLease", int)
-    if not 3 <= lease <= 3600:
-        raise ConfigError(f"{SECTION}.ClaimLease must be within 3..3600 seconds, not {lease}")
-    queue_size = _typed(options, "QueueSize", int)
-    if queue_size < 1:
-        raise ConfigError(f"{SECTION}.QueueSize must be at least 1, not {queue_size}")
     return Config(
         data_directory=data,
         png_directory=path("PngDirectory", data / "png"),
         database=path("Database", data / "index.sqlite"),
-        png_compress_level=level,
-        window_index=window_index,
-        queue_size=queue_size,
-        workers=workers,
-        defer_while_storing=defer,
+        png_compress_level=ints["PngCompressLevel"],
+        window_index=ints["WindowIndex"],
+        queue_size=ints["QueueSize"],
+        workers=ints["Workers"],
+        defer_while_storing=ints["DeferWhileStoring"],
         reconcile_on_start=_typed(options, "ReconcileOnStart", bool),
-        reconcile_interval=interval,
+        reconcile_interval=ints["ReconcileInterval"],
         model_path=DEFAULT_MODEL if model is None else (base / model if model else None),
         anomaly_threshold=None if threshold is None else float(threshold),
         ohif_directory=path("OhifDirectory", DEFAULT_OHIF),
         sandbox=_typed(options, "Sandbox", bool),
-        renderer_memory_mb=memory,
-        renderer_seconds=seconds,
-        attempts=attempts,
+        renderer_memory_mb=ints["RendererMemoryLimit"],
+        renderer_seconds=ints["RendererTimeLimit"],
+        attempts=ints["MaxAttempts"],
         publish=publish,
+        automatic_key_objects=_typed(options, "AutomaticKeyObjects", bool),
         postgresql=postgresql,
-        claim_lease=lease,
+        claim_lease=ints["ClaimLease"],
     )

@@ -145,6 +145,36 @@ WHEN old.patient_id IS NOT new.patient_id BEGIN
         FROM series se JOIN studies s ON s.orthanc_id = se.study WHERE s.patient = new.orthanc_id);
 END;
 """
+# Reviewers' verdicts (minipacs.reviews): one row per review, the image's history; ``latest`` marks
+# its current verdict. What the model said when the review was made is kept beside it, so that a
+# rescore changes the image's score, never what the reviewer saw. Keyed by the image's Orthanc ID:
+# ingest and rescoring never touch these rows (an upsert keeps its key), and a deleted image takes
+# its reviews with it (ON DELETE CASCADE). Portable SQL: SQLite and PostgreSQL accept it as it is.
+REVIEWS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reviews (
+    image TEXT NOT NULL REFERENCES images(orthanc_id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,  -- 1, 2, ... for each image
+    latest INTEGER NOT NULL,  -- 1 on the image's current review, 0 on those it replaced
+    verdict TEXT NOT NULL,  -- invalid (an anomaly) or valid
+    reason TEXT,  -- why invalid (minipacs.reasons)
+    comment TEXT,
+    reviewer TEXT,  -- Orthanc's authenticated user, where there is one
+    reviewed_at TEXT NOT NULL,
+    model_flagged INTEGER,  -- what the model said when the review was made
+    model_score REAL,
+    model_reason TEXT,
+    model_version TEXT,
+    PRIMARY KEY (image, seq)
+);
+CREATE INDEX IF NOT EXISTS reviews_in_order ON reviews(latest, reviewed_at, image);
+-- The KOS (Key Object Selection) document minipacs keeps in each study (minipacs.kos).
+CREATE TABLE IF NOT EXISTS key_objects (
+    study TEXT PRIMARY KEY REFERENCES studies(orthanc_id) ON DELETE CASCADE,
+    instance TEXT NOT NULL,  -- the KOS's Orthanc ID
+    sop_uid TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"""
 # Indexes of older versions that the ones above replace.
 OBSOLETE_INDEXES = ("patients_by_patient_id", "studies_by_patient", "series_by_study",
                     "images_by_series", "images_by_status", "images_flagged")
@@ -236,6 +266,7 @@ def _migrate(db: sqlite3.Connection) -> None:
     for name in OBSOLETE_INDEXES:
         db.execute(f"DROP INDEX IF EXISTS {name}")
     db.executescript(SCHEMA)  # the indexes and triggers (the tables exist now)
+    db.executescript(REVIEWS_SCHEMA)
     _item_triggers(db)
     _add_counters(db)
 

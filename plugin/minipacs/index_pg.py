@@ -106,7 +106,8 @@ def _nulls(columns: str) -> str:
 
 def schema() -> str:
     # Text compared byte by byte, as SQLite does, whatever the database's locale.
-    tables = re.sub(r"\bREAL\b", "DOUBLE PRECISION", idx.TABLES).replace(" TEXT", ' TEXT COLLATE "C"')
+    tables = re.sub(r"\bREAL\b", "DOUBLE PRECISION", idx.TABLES + idx.REVIEWS_SCHEMA).replace(
+        " TEXT", ' TEXT COLLATE "C"')
     tables = re.sub(r"(CREATE INDEX IF NOT EXISTS \w+\s+ON \w+)\(([^)]*)\)",
                     lambda m: f"{m.group(1)}({_nulls(m.group(2))})", tables)
     tables = tables.replace("DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))", "DEFAULT minipacs_now()")

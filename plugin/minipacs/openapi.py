@@ -3,7 +3,7 @@
 Written by hand next to :mod:`minipacs.routes` (tests/test_openapi.py checks that both list the
 same routes, and runs schemathesis against the live server)."""
 
-from . import __version__, reasons
+from . import __version__, reasons, reviews
 
 _STRING = {"type": "string"}
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
@@ -67,7 +67,33 @@ SCHEMAS = {
                      Version=_STRING, InputSize={"type": "integer"}, Threshold={"type": "number"},
                      Preprocessing=_STRING, Sha256=_STRING, Path=_STRING, LoadedAt=_STRING,
                      Reasons={"type": "array", "items": _STRING},
-                     Stale={"type": "integer", "minimum": 0}, Unscored={"type": "integer", "minimum": 0}),
+                     Stale={"type": "integer", "minimum": 0}, Unscored={"type": "integer", "minimum": 0},
+                     Reviews={"type": "array", "items": _object(
+                         ["ModelVersion", "Confirmed", "Dismissed", "Missed", "Reviewed", "Precision"],
+                         ModelVersion=_STRING_OR_NULL, Confirmed={"type": "integer"},
+                         Dismissed={"type": "integer"}, Missed={"type": "integer"},
+                         Reviewed={"type": "integer"}, Precision=_NUMBER_OR_NULL)}),
+    # A reviewer's verdict, and what the model said of the image when it was made.
+    "Review": _object(["Revision", "Verdict", "Reason", "Reviewer", "ReviewedAt", "Outcome"],
+                      Revision={"type": "integer", "minimum": 1}, Verdict={"enum": list(reviews.VERDICTS)},
+                      Reason={"enum": [*reasons.REASONS, None]}, Comment=_STRING_OR_NULL,
+                      Reviewer=_STRING_OR_NULL, ReviewedAt=_STRING, ModelFlagged={"type": ["boolean", "null"]},
+                      ModelScore=_NUMBER_OR_NULL, ModelReason=_STRING_OR_NULL, ModelVersion=_STRING_OR_NULL,
+                      Outcome={"enum": [reviews.CONFIRMED, reviews.DISMISSED, reviews.MISSED, reviews.AGREED]}),
+    "ImageReviews": _object(["SOPInstanceUID", "OrthancID", "Current", "History"], SOPInstanceUID=_STRING,
+                            OrthancID=_STRING, StudyInstanceUID=_STRING, Flagged={"type": ["boolean", "null"]},
+                            AnomalyReason=_STRING_OR_NULL, ModelVersion=_STRING_OR_NULL,
+                            Current={"oneOf": [{"$ref": "#/components/schemas/Review"}, {"type": "null"}]},
+                            History={"type": "array", "items": {"$ref": "#/components/schemas/Review"}},
+                            KeyObject={"oneOf": [{"$ref": "#/components/schemas/KeyObject"}, {"type": "null"}]},
+                            KeyObjectError=_STRING),
+    # The study's Key Object Selection document ("Rejected for Quality Reasons"): OrthancID and
+    # SOPInstanceUID are null where nothing is left to list (the previous one is deleted).
+    "KeyObject": _object(["OrthancID", "SOPInstanceUID"], StudyInstanceUID=_STRING,
+                         OrthancID=_STRING_OR_NULL, SOPInstanceUID=_STRING_OR_NULL, CreatedAt=_STRING_OR_NULL,
+                         Instances={"type": "array", "items": _STRING}, Replaced=_STRING_OR_NULL),
+    "ReviewedImage": {"allOf": [{"$ref": "#/components/schemas/Image"}, _object(["Review"], Review={
+        "oneOf": [{"$ref": "#/components/schemas/Review"}, {"type": "null"}]})]},
     "Progress": _object(["State"], State={"enum": ["idle", "running", "done", "failed"]},
                         Total={"type": "integer"}, Done={"type": "integer"},
                         Flagged={"type": "integer"}, Failed={"type": "integer"},
@@ -109,15 +135,24 @@ def _uid(name: str = "uid", schema: dict = _IDENTIFIER) -> dict:
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
+_RELOAD = {"type": "object", "properties": {"Path": _STRING_OR_NULL}}
+_REVIEW = {"type": "object", "required": ["verdict"], "additionalProperties": False, "properties": {
+    "verdict": {"enum": list(reviews.VERDICTS)},
+    "reason": {"enum": [*reasons.REASONS, None], "description": "why 'invalid'; confirming a flag "
+               "without one takes the model's; a 'valid' verdict takes none"},
+    "comment": {"type": ["string", "null"], "maxLength": reviews.MAX_COMMENT}}}
+_TRUE_FALSE = {"enum": ["true", "false"]}
+
+
 def _operation(summary: str, schema: dict | None, *, parameters=(), content="application/json",
-               errors=(404,), method="get", body=False) -> dict:
+               errors=(404,), method="get", body: dict | None = None) -> dict:
     ok = {"description": "OK", "content": {content: {"schema": schema} if schema else {}}}
     responses = {"200": ok, **{str(code): {"description": "error", "content": {
         "application/json": {"schema": _ref("Error")}}} for code in (400, *errors)}}
     operation = {"summary": summary, "parameters": list(parameters), "responses": responses}
     if body:
-        operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": {
-            "type": "object", "properties": {"Path": _STRING_OR_NULL}}}}}
+        operation["requestBody"] = {"required": body is _REVIEW, "content": {"application/json": {
+            "schema": body}}}
     return {method: operation}
 
 
@@ -136,11 +171,13 @@ def document() -> dict:
                 "schema": {"type": "number", "minimum": 0, "maximum": 1}},
                {"name": "reason", "in": "query", "schema": {"enum": list(reasons.FILTERS)},
                 "description": "A reason (minipacs.reasons) or its family: broken_render finds "
-                               "every broken_render:<kind>"}]),
+                               "every broken_render:<kind>"},
+               {"name": "reviewed", "in": "query", "schema": _TRUE_FALSE,
+                "description": "false: only the flags nobody reviewed yet"}]),
         "/minipacs/model": _operation("The model in use and the images it has not scored",
                                       _ref("Model"), errors=()),
         "/minipacs/model/reload": _operation("Load the configured model file again ({}), or another, "
-                                             "once checked", _ref("Model"), method="post", body=True),
+                                             "once checked", _ref("Model"), method="post", body=_RELOAD),
         "/minipacs/rescore": {**_operation("Rescoring progress", _ref("Progress")),
                               **_operation("Rescore every rendered image", _ref("Progress"),
                                            method="post", errors=(404, 409))},
@@ -149,8 +186,31 @@ def document() -> dict:
         "/minipacs/images/{uid}/png": _operation("The rendered PNG", None, content="image/png",
                                                  parameters=[_uid()]),
         "/minipacs/images/{uid}/score": _operation("The image's score", _ref("Score"), parameters=[_uid()]),
+        "/minipacs/images/{uid}/review": {
+            **_operation("The image's current review and its history", _ref("ImageReviews"),
+                         parameters=[_uid()]),
+            **_operation("Review the image: confirm or dismiss its flag, or report a missed anomaly; "
+                         "replaces its current verdict (the history is kept)", _ref("ImageReviews"),
+                         parameters=[_uid()], method="post", body=_REVIEW)},
+        "/minipacs/reviews": _operation(
+            "Reviewed images, the latest review first; reviewed=false: the flagged images nobody "
+            "reviewed, most anomalous first", _page("ReviewedImage"), errors=(),
+            parameters=PAGING + [{"name": k, "in": "query", "schema": _STRING}
+                                 for k in ("patient", "study", "series", "modality", "model_version")]
+            + [{"name": "reviewed", "in": "query", "schema": _TRUE_FALSE},
+               {"name": "verdict", "in": "query", "schema": {"enum": list(reviews.VERDICTS)}},
+               {"name": "reason", "in": "query", "schema": {"enum": list(reasons.FILTERS[:-1])},
+                "description": "The reviewer's reason, or its family"},
+               {"name": "agrees", "in": "query", "schema": _TRUE_FALSE,
+                "description": "whether the verdict agrees with the image's flag now"}]),
         "/minipacs/studies/{uid}/summary": _operation("Images, flagged, max score", _ref("Summary"),
                                                       parameters=[_uid()]),
+        "/minipacs/studies/{uid}/kos": {
+            **_operation("The study's Key Object Selection document made by minipacs", _ref("KeyObject"),
+                         parameters=[_uid()]),
+            **_operation("Write the study's KOS (Rejected for Quality Reasons) anew: its flagged, "
+                         "confirmed and reported images, not the dismissed; replaces the previous one",
+                         _ref("KeyObject"), parameters=[_uid()], method="post")},
         "/minipacs/series/{uid}/summary": _operation("Images, flagged, max score", _ref("Summary"),
                                                      parameters=[_uid()]),
     }

@@ -17,6 +17,8 @@ from . import __version__
 from . import index as idx
 from . import openapi
 from . import reasons
+from . import reviews
+from .kos import KeyObjects
 from .rescore import Busy, Rescorer
 from .scoring import ModelError, ModelSlot
 
@@ -85,19 +87,31 @@ def paging(query: Mapping[str, str]) -> tuple[int, int]:
 Handler = Callable[..., Any]
 
 
+def _boolean(query: Mapping[str, str], key: str) -> bool | None:
+    """``true`` or ``false`` (None when absent)."""
+    raw = query.get(key)
+    if raw is None or raw == "":
+        return None
+    if raw not in ("true", "false"):
+        raise HttpError(400, f"{key!r} must be true or false, not {raw!r}")
+    return raw == "true"
+
+
 class Router:
     """Dispatches ``/minipacs/...`` requests to the index and the model."""
 
     def __init__(self, index: idx.Index, png_directory: Path,
                  ingest_stats: Callable[[], dict[str, Any]],
                  models: ModelSlot | None = None, rescorer: Rescorer | None = None,
-                 orthanc_features: Callable[[], dict[str, Any]] = dict):
+                 orthanc_features: Callable[[], dict[str, Any]] = dict,
+                 key_objects: KeyObjects | None = None):
         self.index = index
         self.png_directory = Path(png_directory)
         self.ingest_stats = ingest_stats
         self.models = models or ModelSlot(None)
         self.rescorer = rescorer
         self.orthanc_features = orthanc_features
+        self.key_objects = key_objects
         level_routes = [
             ("patients", "patient", idx.PATIENTS, "studies", idx.STUDIES, "s.patient"),
             ("studies", "study", idx.STUDIES, "series", idx.SERIES, "se.study"),
@@ -117,7 +131,10 @@ class Router:
             (r"imageinfo/(?P<name>.+)", self.image_info),
             (r"images/(?P<uid>.+)/png", self.png),
             (r"images/(?P<uid>.+)/score", self.image_score),
+            (r"images/(?P<uid>.+)/review", {"GET": self.review, "POST": self.add_review}),
+            (r"reviews", self.review_list),
             (r"studies/(?P<uid>.+)/summary", self._summary(idx.STUDIES, "study", "se.study")),
+            (r"studies/(?P<uid>.+)/kos", {"GET": self.key_object, "POST": self.make_key_object}),
             (r"series/(?P<uid>.+)/summary", self._summary(idx.SERIES, "series", "i.series")),
             (r"patients/(?P<uid>.+)/(?P<what>studycount|seriescount|imagecount|counts)",
              self.patient_counts),
@@ -149,11 +166,13 @@ class Router:
 
     # Dispatch -------------------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, query: Mapping[str, str], body: bytes = b"") -> Response:
+    def handle(self, method: str, path: str, query: Mapping[str, str], body: bytes = b"",
+               user: str | None = None) -> Response:
         """Answer one request; never raises (an unexpected error is a logged JSON 500).
 
         ``query`` as Orthanc hands it over: names and values still percent-encoded (RFC 3986
-        2.1), which are decoded here, once."""
+        2.1), which are decoded here, once. ``user``: who asks, where Orthanc authenticated them
+        (a POST records or logs it)."""
         path = path.lstrip("/")
         query = {urllib.parse.unquote(k): urllib.parse.unquote(v) for k, v in query.items()}
         try:
@@ -172,7 +191,7 @@ class Router:
                                         f"{', '.join(accepted) or 'none'}", Accepted=list(accepted))
                     arguments = match.groupdict()
                     if method == "POST":
-                        arguments["body"] = body
+                        arguments.update(body=body, user=user)
                     result = handlers[method](query, **arguments)
                     return result if isinstance(result, Response) else json_response(result)
             raise HttpError(404, f"no such route: /minipacs/{path}")
@@ -250,8 +269,12 @@ class Router:
                 raise HttpError(400, f"'min_score' must be a number within [0, 1], not {query['min_score']!r}")
             clauses.append("i.anomaly_score >= ?")
             args.append(minimum)
+        if query.get("reviewed"):
+            clauses.append(reviews.UNREVIEWED if _boolean(query, "reviewed") is False
+                           else f"NOT {reviews.UNREVIEWED}")
         limit, offset = paging(query)
-        total = None if args else self.index.flagged_count()  # unfiltered: from the counters
+        unfiltered = len(clauses) == 1  # then the total comes from the counters
+        total = self.index.flagged_count() if unfiltered else None
         items, total = self.index.page_json(idx.FLAGGED, limit, offset, " AND ".join(clauses),
                                             tuple(args), total)
         return page_response(items, total=total, limit=limit, offset=offset,
@@ -274,9 +297,11 @@ class Router:
     def model(self, query):
         """The model in use, and how many images it has not scored (a rescore's work)."""
         model = self.models.describe()
-        return {**model, **self.index.unscored_by(model["Version"])} if model["Loaded"] else model
+        if model["Loaded"]:
+            model.update(self.index.unscored_by(model["Version"]))
+        return {**model, "Reviews": reviews.by_model(self.index)}
 
-    def reload_model(self, query, body):
+    def reload_model(self, query, body, user):
         """Load the configured model file again, or ``{"Path": "..."}``, without a restart; a
         model that fails :class:`Scorer`'s checks is a 400 and the one in use stays."""
         try:
@@ -292,6 +317,7 @@ class Router:
             self.models.load(path)
         except ModelError as exc:
             raise HttpError(400, str(exc), Model=self.models.describe())
+        log.warning("model %s loaded%s", self.models.describe().get("Version"), f" by {user}" if user else "")
         return self.model(query)
 
     def rescore_progress(self, query):
@@ -299,15 +325,81 @@ class Router:
             raise HttpError(404, "rescoring is not available")
         return self.rescorer.progress()
 
-    def start_rescore(self, query, body):
+    def start_rescore(self, query, body, user):
         if self.rescorer is None:
             raise HttpError(404, "rescoring is not available")
         try:
-            return self.rescorer.start()
+            progress = self.rescorer.start()
+            log.warning("rescore started%s", f" by {user}" if user else "")
+            return progress
         except Busy as exc:
             raise HttpError(409, str(exc), Progress=self.rescorer.progress())
         except ModelError as exc:
             raise HttpError(409, f"no model to rescore with: {exc}")
+
+    def _reviewed(self, image: dict[str, Any]) -> dict[str, Any]:
+        found = reviews.history(self.index, image["OrthancID"])
+        return {"SOPInstanceUID": image["SOPInstanceUID"], "OrthancID": image["OrthancID"],
+                "StudyInstanceUID": image["StudyInstanceUID"], "Flagged": image["Flagged"],
+                "AnomalyReason": image["AnomalyReason"], "ModelVersion": image["ModelVersion"],
+                "Current": found[0] if found else None, "History": found}
+
+    def review(self, query, uid):
+        """The image's current verdict and its history."""
+        return self._reviewed(self._found(idx.IMAGES, "image", uid))
+
+    def add_review(self, query, uid, body, user):
+        """Record a reviewer's verdict (see :mod:`minipacs.reviews`); then the study's KOS follows."""
+        image = self._found(idx.IMAGES, "image", uid)
+        try:
+            verdict, reason, comment = reviews.checked(body, image)
+        except reviews.ReviewError as exc:
+            raise HttpError(400, str(exc), Reasons=list(reasons.REASONS))
+        reviews.add(self.index, image["OrthancID"], verdict, reason, comment, user)
+        answer = self._reviewed(image)
+        if self.key_objects is not None:
+            study = self.index.study_of("images", image["OrthancID"])
+            try:  # the review is recorded whatever happens to the KOS
+                answer["KeyObject"] = self.key_objects.reviewed(study) if study else None
+            except Exception as exc:
+                log.exception("updating the KOS of study %s failed", image["StudyInstanceUID"])
+                answer["KeyObjectError"] = f"{type(exc).__name__}: {exc}"
+        return answer
+
+    def _key_objects(self) -> KeyObjects:
+        if self.key_objects is None:
+            raise HttpError(404, "key object selection documents are not available")
+        return self.key_objects
+
+    def key_object(self, query, uid):
+        """The study's current KOS, if minipacs made one."""
+        study = self._found(idx.STUDIES, "study", uid)
+        current = self._key_objects().current(study["OrthancID"])
+        if current is None:
+            raise HttpError(404, f"study {uid} has no KOS of minipacs")
+        return {"StudyInstanceUID": uid, **current}
+
+    def make_key_object(self, query, uid, body, user):
+        """Write the study's KOS anew (flagged, confirmed and reported images; not the
+        dismissed), replacing the previous one."""
+        study = self._found(idx.STUDIES, "study", uid)
+        result = self._key_objects().update(study["OrthancID"])
+        log.warning("KOS of study %s written%s: %d instance(s)", uid, f" by {user}" if user else "",
+                    len(result["Instances"]))
+        return {"StudyInstanceUID": uid, **result}
+
+    def review_list(self, query):
+        """Reviewed images, the latest first (or the flagged ones nobody reviewed: reviewed=false)."""
+        reviewed = _boolean(query, "reviewed") is not False
+        for key, allowed in (("verdict", reviews.VERDICTS), ("agrees", ("true", "false"))):
+            if query.get(key) and query[key] not in allowed:
+                raise HttpError(400, f"{key!r} must be one of {', '.join(allowed)}, not {query[key]!r}")
+        if query.get("reason") and query["reason"] not in reasons.FILTERS[:-1]:
+            raise HttpError(400, f"unknown reason {query['reason']!r}; reasons: "
+                            f"{', '.join(reasons.FILTERS[:-1])}", Reasons=list(reasons.FILTERS[:-1]))
+        limit, offset = paging(query)
+        items, total = reviews.page(self.index, query, limit, offset, reviewed)
+        return {"items": items, "total": total, "limit": limit, "offset": offset}
 
     def patient_counts(self, query, uid, what):
         patient = self._found(idx.PATIENTS, "patient", uid)

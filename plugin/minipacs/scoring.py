@@ -16,13 +16,19 @@ stays.
 """
 
 import hashlib
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
+
+# ONNX Runtime >= 1.32 sends usage telemetry from Linux too, and writes a device ID under $HOME
+# (a warning in a read-only container). A hospital archive should not call out: off unless the
+# operator sets the variable. Set before the import, which reads it.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import onnxruntime  # noqa: E402
 
 from . import preprocess, reasons
 

@@ -12,6 +12,7 @@ import pytest
 import postgres_server
 from corpus import pydicom_test_files
 from minipacs import index as idx
+from minipacs import reviews
 from minipacs.cluster import ChangeFollower, GAP_WAIT
 from minipacs.ingest import Settings, ingest
 from test_ingest_and_index import OfflineLookup, instance_id_of, record
@@ -201,3 +202,25 @@ def test_the_change_log_queues_each_new_instance_once_and_waits_a_moment_at_a_ga
     log.changes.append(change(7, "NewInstance", "Instance", "new-3"))
     other.step()
     assert other.followed == 1 and index.queued() == {"new-1", "new-2", "new-3"}
+
+
+def test_reviews_read_the_same_on_both_dialects(tmp_path, dsn):
+    """minipacs.reviews writes and reads its table through the index's connection: its SQL is
+    the same for both."""
+    lite, pg = idx.Index(tmp_path / "index.sqlite"), PostgresIndex(dsn, "node-a")
+    records = [record(sop=f"1.2.3.{n}") for n in range(4)]
+    for r in records:
+        r.image.update(flagged=1, anomaly_score=0.9, anomaly_reason="picture", model_version="m1")
+    pg.claim([r.image["orthanc_id"] for r in records])
+    found = []
+    for index in (lite, pg):
+        index.put_many(records, done=[r.image["orthanc_id"] for r in records])
+        reviews.add(index, records[0].image["orthanc_id"], "invalid", "picture", "seen", "ann")
+        reviews.add(index, records[1].image["orthanc_id"], "valid", None, None, None)
+        reviews.add(index, records[1].image["orthanc_id"], "invalid", "overlay", None, None)
+        items, total = reviews.page(index, {"reason": "overlay"}, 10, 0)
+        unreviewed, left = reviews.page(index, {}, 10, 0, reviewed=False)
+        found.append((total, [i["OrthancID"] for i in items], left, reviews.by_model(index),
+                       [len(reviews.history(index, r.image["orthanc_id"])) for r in records],
+                       reviews.rejected(index, records[0].study["orthanc_id"])))
+    assert found[0] == found[1] and found[0][0] == 1 and found[0][2] == 2

@@ -150,9 +150,10 @@ def test_two_nodes_index_every_instance_once_through_uploads_deletions_and_a_kil
     instance = next(i for i in a.json("/instances"))
     sop = a.json(f"/instances/{instance}/simplified-tags")["SOPInstanceUID"]
     b.session.delete(f"{b.url}/instances/{instance}").raise_for_status()
-    # Every node answers at once what was deleted through another (one index).
-    assert a.get(f"/minipacs/images/{sop}").status_code == 404
-    assert b.get(f"/minipacs/patients/{patient}").status_code == 404
+    # Every node answers what was deleted through another as soon as that node heard of it
+    # (Orthanc's change callback, just after its answer to the DELETE): one index.
+    wait_until(lambda: a.get(f"/minipacs/images/{sop}").status_code == 404, 5, "the instance gone on A")
+    wait_until(lambda: b.get(f"/minipacs/patients/{patient}").status_code == 404, 5, "the patient gone on B")
 
     for node in (a, b):
         wait_until(lambda: counts_match(node), 180, f"{node.url}'s /minipacs/counts equal to /statistics")

@@ -15,8 +15,9 @@ TRAIN_VENV=$ROOT/.venv-training
 APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools python3-venv)
 # Headless browser of tests/test_ohif.py (driven by Playwright); Docker and debootstrap build and
 # run the image in tests/test_docker.py (and the other release's container in .ci/other-release);
-# gcc and orthanc-dev build the stand-in for Orthanc's OHIF plugin of tests/test_official_ohif.py.
-APT_DEV_PACKAGES=(chromium docker.io debootstrap gcc libc6-dev orthanc-dev)
+# gcc and orthanc-dev build the stand-in for Orthanc's OHIF plugin of tests/test_official_ohif.py;
+# PostgreSQL and Orthanc's PostgreSQL plugins run the two-node cluster of tests/test_cluster.py.
+APT_DEV_PACKAGES=(chromium docker.io debootstrap gcc libc6-dev orthanc-dev postgresql orthanc-postgresql)
 # Training captures real error dialogs and windows on a virtual X screen (training/realinvalid.py).
 APT_TRAIN_PACKAGES=(xvfb zenity xdotool x11-apps x11-utils python3-tk openbox twm xterm xfonts-base
                     xfonts-75dpi fonts-dejavu-core fonts-liberation)

@@ -2,7 +2,7 @@
 own /patients/{id} and /statistics, through Orthanc's HTTP server in one run.
 
     .venv/bin/python bench/routes.py [--images 1000000] [--patients 10000] [--requests 1000]
-                                     [--http-compression] [--json PATH]
+                                     [--http-compression] [--postgresql] [--json PATH]
 
 The index is filled directly (one transaction of executemany through the schema the Index class
 creates), so Orthanc stores only a few real instances: reconciliation is switched off, or the
@@ -13,12 +13,17 @@ but for /anomalies?min_score (20) and /images?limit=100, at random offsets withi
 pages. Orthanc runs as orthanc.json sets it up, without HTTP compression (its clients are on
 this host); ``--http-compression`` turns it on: Orthanc then gzips every answer, of any size,
 for a client that accepts gzip (as this one, and any, does).
+``--postgresql`` puts the index in PostgreSQL (``MiniPacs.PostgreSQL``, a server started from
+Debian's packages as the tests do; filled by COPY with the triggers off, then the items and
+counters written as the triggers would have), Orthanc itself staying on SQLite.
 Target: the p99 of every minipacs route ≤ the p99 of Orthanc's /patients/{id}.
 """
 
 import argparse
+import contextlib
 import io
 import random
+import re
 import sqlite3
 import sys
 import tempfile
@@ -117,6 +122,41 @@ def image_rows(series_rows, sizes, rng: random.Random):
                    "2026-01-01T00:00:00.000Z" if rendered else None)
 
 
+def fill_postgresql(dsn: str, patients: int, images: int, seed: int) -> None:
+    """:func:`fill` into PostgreSQL: the schema made by PostgresIndex, the rows copied with the
+    triggers off and the secondary indexes dropped, then each image's item and the counters
+    written as the triggers write them, and the indexes rebuilt by opening the index again."""
+    import psycopg
+    from minipacs.index_pg import PostgresIndex
+
+    PostgresIndex(dsn, "bench").close()
+    rng = random.Random(seed)
+    patient_rows, study_rows, series_rows, sizes = hierarchy(patients, images, rng)
+    with psycopg.connect(dsn) as db:
+        db.execute("SET session_replication_role = replica")  # no triggers, no foreign key checks
+        for (name,) in db.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public' "
+                                  "AND indexname NOT LIKE '%_pkey'").fetchall():
+            db.execute(f'DROP INDEX "{name}"')
+        for table, rows, columns in (("patients", patient_rows, ""), ("studies", study_rows, ""),
+                                     ("series", [row[:6] for row in series_rows], ""),
+                                     ("images", image_rows(series_rows, sizes, rng),
+                                      f"({', '.join(IMAGE_COLUMNS)})")):
+            with db.cursor().copy(f"COPY {table} {columns} FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        item = re.sub(r"\bi\.", "images.", idx._json_object(idx._IMAGE, postgresql=True))
+        db.execute(f"UPDATE images SET item = CAST({item} AS text)")
+        db.execute("DELETE FROM counters")
+        for sql in ["SELECT 'patients', count(*) FROM patients", "SELECT 'studies', count(*) FROM studies",
+                    "SELECT 'series', count(*) FROM series", "SELECT 'images', count(*) FROM images",
+                    "SELECT 'flagged', count(*) FROM images WHERE flagged = 1",
+                    "SELECT 'status:' || status, count(*) FROM images GROUP BY status"]:
+            db.execute(f"INSERT INTO counters SELECT name, 0, n FROM ({sql}) AS c(name, n)")
+    PostgresIndex(dsn, "bench").close()
+    with psycopg.connect(dsn, autocommit=True) as db:
+        db.execute("VACUUM ANALYZE")
+
+
 def fill(path: Path, patients: int, images: int, seed: int) -> None:
     """Create the index with the Index class, then insert every row in one transaction with
     the secondary indexes dropped; opening the Index again builds them (as it does for an
@@ -142,9 +182,16 @@ def fill(path: Path, patients: int, images: int, seed: int) -> None:
 
 # Asking the routes ---------------------------------------------------------------------------
 
-def samples(path: Path, count: int, seed: int) -> dict[str, list]:
-    """Random identifiers that exist in the index, per kind, to draw requests from."""
-    db = sqlite3.connect(path)
+def samples(index: str, count: int, seed: int) -> dict[str, list]:
+    """Random identifiers that exist in the index (a SQLite file or a PostgreSQL connection
+    string), per kind, to draw requests from."""
+    if index.startswith("postgresql:"):
+        import psycopg
+        db = psycopg.connect(index)
+        every = "abs(hashtext(orthanc_id)) % {n} = 0"
+    else:
+        db = sqlite3.connect(index)
+        every = "rowid % {n} = 0"
     rng = random.Random(seed)
 
     def pick(sql: str) -> list:
@@ -155,9 +202,9 @@ def samples(path: Path, count: int, seed: int) -> dict[str, list]:
         "patient": pick("SELECT patient_id FROM patients"),
         "study": pick("SELECT study_uid FROM studies"),
         "series": pick("SELECT series_uid FROM series"),
-        "image": pick("SELECT sop_uid, orthanc_id FROM images WHERE rowid % 97 = 0"),
-        "rendered": pick("SELECT sop_uid, png FROM images WHERE status = 'rendered' "
-                         "AND rowid % 89 = 0"),
+        "image": pick(f"SELECT sop_uid, orthanc_id FROM images WHERE {every.format(n=97)}"),
+        "rendered": pick(f"SELECT sop_uid, png FROM images WHERE status = 'rendered' "
+                         f"AND {every.format(n=89)}"),
     }
     db.close()
     return {kind: [row[0] if len(row) == 1 else row for row in rows] for kind, rows in found.items()}
@@ -179,7 +226,7 @@ def routes(ids: dict[str, list], counts: dict[str, int], orthanc_patients: list[
 
     def by_status(r: random.Random) -> str:
         status = r.choice(idx.STATUSES)
-        return f"/minipacs/images?status={status}&offset={offset(r, counts[status])}"
+        return f"/minipacs/images?status={status}&offset={offset(r, counts.get(status, 0))}"
 
     one = {kind: (lambda r, kind=kind: r.choice(ids[kind])) for kind in ids}
     table = {
@@ -265,18 +312,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--http-compression", action="store_true",
                         help="Orthanc's HttpCompressionEnabled (orthanc.json: off)")
+    parser.add_argument("--postgresql", action="store_true", help="the index in PostgreSQL")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     run = context()  # before the run adds its own load
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as work, contextlib.ExitStack() as stack:
         data = Path(work) / "minipacs"
+        options = {"DataDirectory": str(data), "ReconcileOnStart": False, "ReconcileInterval": 0}
         start = time.perf_counter()
-        fill(data / "index.sqlite", args.patients, args.images, args.seed)
+        if args.postgresql:
+            from postgres_server import PostgresServer
+            pg = PostgresServer().start()
+            stack.callback(pg.stop)
+            index = options["PostgreSQL"] = pg.create_database("minipacs")
+            fill_postgresql(index, args.patients, args.images, args.seed)
+        else:
+            index = str(data / "index.sqlite")
+            fill(Path(index), args.patients, args.images, args.seed)
         fill_s = time.perf_counter() - start
-        ids = samples(data / "index.sqlite", 2000, args.seed)
+        ids = samples(index, 2000, args.seed)
         write_pngs(data / "png", ids["rendered"])
-        server = OrthancServer(Path(work), HttpCompressionEnabled=args.http_compression, MiniPacs={
-            "DataDirectory": str(data), "ReconcileOnStart": False, "ReconcileInterval": 0})
+        server = OrthancServer(Path(work), HttpCompressionEnabled=args.http_compression, MiniPacs=options)
         server.start()
         try:
             orthanc_patients = upload_real_instances(server)
@@ -298,13 +354,15 @@ def report(args, run: dict, counts: dict, flagged: int, fill_s: float,
     results = {
         **run, "counts": counts, "flagged": flagged, "fill_s": round(fill_s, 1),
         "requests_per_route": args.requests, "http_compression": args.http_compression,
+        "index": "postgresql" if args.postgresql else "sqlite",
         "routes": stats,
         "target_p99_ms": target,
         "slower_than_target": sorted(name for name, s in ours.items() if s["p99_ms"] > target),
     }
     print(f"routes benchmark: {counts['images']:,} images, {counts['patients']:,} patients, "
           f"{flagged:,} flagged (filled in {fill_s:.0f} s), {args.requests} requests per route, "
-          f"HTTP compression {'on' if args.http_compression else 'off'}")
+          f"HTTP compression {'on' if args.http_compression else 'off'}, "
+          f"index in {'PostgreSQL' if args.postgresql else 'SQLite'}")
     print(f"  {'route':34} {'p50 ms':>8} {'p99 ms':>8}")
     for name, s in sorted(stats.items(), key=lambda item: -item[1]["p99_ms"]):
         mark = "  > target" if name in results["slower_than_target"] else ""

@@ -66,6 +66,22 @@ def ingest_rows(r: dict) -> list[Row]:
               for part in ("publishing", "model", "sandbox") if f"without_{part}_end_to_end_ratio" in r]]
 
 
+def cluster_rows(r: dict) -> list[Row]:
+    one, two = r["one_node_postgresql"], r["two_nodes_postgresql"]
+    stores = r["png_store"]
+    return [(f"cluster, {r['instances']} CT: end to end on one / two PostgreSQL nodes / one SQLite node",
+             f"{one['end_to_end_per_s']:.0f} / {two['end_to_end_per_s']:.0f} / "
+             f"{r['one_node_sqlite']['end_to_end_per_s']:.0f} per s", "—", None),
+            ("cluster: upload with minipacs / bare Orthanc, both on PostgreSQL (one node, two)",
+             f"{r['one_node_postgresql_upload_ratio_to_bare_postgresql']:.2f}, "
+             f"{r['two_nodes_postgresql_upload_ratio_to_bare_postgresql']:.2f}", "—", None),
+            ("cluster: every instance written once (one node, two)",
+             f"{one['written_once']}, {two['written_once']}", "true", one["written_once"] and two["written_once"]),
+            ("cluster: PNG write / read as file vs PostgreSQL bytea (ms)",
+             f"{stores['file_write_ms']:.2f} / {stores['file_read_ms']:.2f} vs "
+             f"{stores['bytea_write_ms']:.2f} / {stores['bytea_read_ms']:.2f}", "—", None)]
+
+
 def stages_rows(r: dict) -> list[Row]:
     stages = ", ".join(f"{name} {ms:.2f}" for name, ms in r["stages_ms"].items())
     return [("ingest pipeline per 512×512 CT, one thread (ms)", f"{r['total_ms']:.2f}: {stages}; "
@@ -116,6 +132,7 @@ BENCHES = {
     "scoring": Bench("scoring.py", (), ("--runs", "10"), scoring_rows),
     "ingest": Bench("ingest.py", ("--breakdown",), ("--instances", "50", "--rounds", "1", "--breakdown"),
                     ingest_rows),
+    "cluster": Bench("cluster.py", (), ("--instances", "40"), cluster_rows),
     "stages": Bench("stages.py", (), ("--instances", "32"), stages_rows),
     "latency": Bench("latency.py", (), ("--rate", "10", "--seconds", "3"), latency_rows),
     "routes": Bench("routes.py", (), ("--images", "20000", "--patients", "200", "--requests", "50"),

@@ -11,10 +11,13 @@ import contextlib
 import functools
 import json
 import logging
+import os
+import socket
 import sys
 import threading
 import time
 import urllib.error
+import uuid
 import warnings
 
 import orthanc
@@ -238,7 +241,12 @@ class MiniPacs:
         self.config = config = from_orthanc(configuration)
         self.started = time.time()
         config.png_directory.mkdir(parents=True, exist_ok=True)
-        self.index = Index(config.database)
+        if config.postgresql:  # several nodes, one index (psycopg only where it is used)
+            from minipacs.index_pg import PostgresIndex
+            node = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+            self.index = PostgresIndex(config.postgresql, node, config.claim_lease)
+        else:
+            self.index = Index(config.database)
         self.settings = Settings(config.png_directory, config.png_compress_level, config.window_index)
         declared = set(configuration.get("UserMetadata", {}))
         wanted = {"all": {SCORE_METADATA, FLAG_METADATA, REASON_METADATA},
@@ -262,6 +270,12 @@ class MiniPacs:
                                  orthanc.GetDicomForInstance, self.worker.submit,
                                  self.sandbox.render if self.sandbox else None)
         self.stopping = threading.Event()
+        self.follower = self.feeder = None
+        if config.postgresql:
+            from minipacs.cluster import ChangeFollower, Feeder
+            self.feeder = Feeder(self.index, self.worker.submit, lambda: self.worker.stats()["queued"],
+                                 self.lookup, config.attempts)
+            self.follower = ChangeFollower(self.index, changes, self.feeder.wakeup.set)
         rescorer = Rescorer(self.index, config.png_directory, self.models, self.lookup.publish)
         self.router = Router(self.index, config.png_directory, self.ingest_stats, self.models,
                              rescorer, lambda: {**orthanc_features(),
@@ -284,7 +298,8 @@ class MiniPacs:
         return {"path": info.path, "sha256": info.sha256, "threshold": info.threshold}
 
     def ingest_stats(self) -> dict:
-        return {**self.worker.stats(), "retrying": self.pipeline.retries.pending(),
+        cluster = {"node": self.index.node, "changes_followed": self.follower.followed} if self.follower else {}
+        return {**self.worker.stats(), **cluster, "retrying": self.pipeline.retries.pending(),
                 "gone": self.pipeline.gone,
                 "renderers": self.sandbox.ready() if self.sandbox else 0,
                 "renderers_replaced": self.sandbox.deaths if self.sandbox else 0,
@@ -295,15 +310,30 @@ class MiniPacs:
         self.pipeline(instance_ids)
 
     def reconcile(self) -> None:
-        reconcile(self.index, self.config.png_directory, set(rest_get("/instances")),
-                  self.worker.submit, self.lookup, self.config.attempts)
+        if self.feeder:  # into the cluster's queue; the node that takes one gives it up if need be
+            reconcile(self.index, self.config.png_directory, lambda: set(rest_get("/instances")),
+                      self.enqueue)
+        else:
+            reconcile(self.index, self.config.png_directory, lambda: set(rest_get("/instances")),
+                      self.worker.submit, self.lookup, self.config.attempts)
+
+    def enqueue(self, instance_id: str) -> None:
+        self.index.enqueue([instance_id])
+        self.feeder.wakeup.set()
 
     def keep_reconciled(self) -> None:
-        """At start, then whenever the worker is idle and the counts differ, and every tenth
-        time in any case (one stale row beside one missing leaves the counts equal): the index
-        follows Orthanc even after a crash, a full queue, or changes made while minipacs was off.
-        At start, PNGs that failed to be written are retried and files without a row removed."""
+        """At start, then whenever the worker is idle and the counts differ or Orthanc stored
+        something since the last comparison (its change log moved: a stale row beside a missing
+        one leaves the counts equal), and every tenth time in any case: the index follows Orthanc
+        by identity even after a crash, a full queue, a missed deletion, or changes made while
+        minipacs was off. At start, PNGs that failed to be written are retried and files without
+        a row removed."""
         config = self.config
+        if self.follower:  # where the change log is followed from, before Orthanc is compared
+            try:
+                self.follower.step()
+            except Exception:
+                log.exception("following Orthanc's change log failed")
         if config.reconcile_on_start:
             self.reconcile()
             for instance_id in sorted(self.index.orthanc_instance_ids(WRITE_FAILED)):
@@ -316,18 +346,29 @@ class MiniPacs:
                 log.error("the sandboxed renderers cannot start (%s): rendering in Orthanc's "
                           "process instead", exc)
                 self.pipeline.renderer = None
-        rounds = 0
+        if self.follower:
+            for name, target in (("minipacs-changes", self.follower.run), ("minipacs-feeder", self.feeder.run)):
+                threading.Thread(target=target, args=(self.stopping,), name=name, daemon=True).start()
+        rounds, compared = 0, rest_get("/changes?last")["Last"]
         while config.reconcile_interval and not self.stopping.wait(config.reconcile_interval):
             rounds += 1
             if not self.worker.stats()["idle"]:
                 continue
-            stored = rest_get("/statistics")["CountInstances"]
-            if rounds % 10 == 0 or stored != self.index.counts()["images"]:
+            stored, last = rest_get("/statistics")["CountInstances"], rest_get("/changes?last")["Last"]
+            if rounds % 10 == 0 or last != compared or stored != self.index.counts()["images"]:
+                compared = last
                 self.reconcile()
+                if self.follower:  # a killed node's renderings left PNGs that no node will write
+                    sweep(self.index, config.png_directory, time.time() - config.claim_lease)
 
     def on_change(self, change_type, level, resource_id) -> None:
         # Orthanc signals changes from a thread of its own, after the store: never in its way.
-        if change_type == orthanc.ChangeType.NEW_INSTANCE:
+        if self.follower and change_type == orthanc.ChangeType.NEW_INSTANCE:
+            # Several nodes: the change log tells every node (minipacs.cluster); here, only the
+            # arrival (storing first). A deletion is this node's to apply, as on one node.
+            self.worker.arrived()
+            self.follower.wakeup.set()
+        elif change_type == orthanc.ChangeType.NEW_INSTANCE:
             self.worker.stored(resource_id)
         elif change_type == orthanc.ChangeType.DELETED and level in LEVELS:
             study = self.index.study_of(LEVELS[level], resource_id)
@@ -348,6 +389,8 @@ class MiniPacs:
             if self.sandbox:  # first: a worker in the middle of a long render returns at once
                 self.sandbox.close()
             self.worker.stop()
+            if self.feeder:  # what this node held goes back to the queue at once
+                self.index.let_go()
 
     def on_rest(self, output, uri, **request) -> None:
         groups = request.get("groups") or ("",)
@@ -370,8 +413,13 @@ class MiniPacs:
         else:
             for uri in ("/ohif", "/ohif/(.*)"):
                 register_rest(uri, self.on_ohif)
-        log.warning("minipacs %s: index %s, PNGs in %s", __version__, self.config.database,
-                    self.config.png_directory)
+        where = f"PostgreSQL (node {self.index.node})" if self.follower else self.config.database
+        log.warning("minipacs %s: index %s, PNGs in %s", __version__, where, self.config.png_directory)
+
+
+def changes(since: int | None) -> dict:
+    """A page of Orthanc's change log after ``since`` (None: its last change)."""
+    return rest_get("/changes?last" if since is None else f"/changes?since={since}&limit=1000")
 
 
 def register_failure(error: Exception) -> None:

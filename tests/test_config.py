@@ -33,6 +33,10 @@ def test_paths_are_resolved_against_the_base_and_absolute_paths_kept(tmp_path):
     ({"ReconcileOnStart": 1}, "ReconcileOnStart must be of type bool"),
     ({"DataDirectory": 3}, "DataDirectory must be of type str"),
     ({"Colour": "blue"}, "unknown MiniPacs option(s): Colour"),
+    ({"PostgreSQL": "dbname=m", "Database": "i.sqlite"}, "name two indexes"),
+    ({"PostgreSQL": ""}, "PostgreSQL must be a connection string"),
+    ({"PostgreSQL": 5432}, "PostgreSQL must be of type str"),
+    ({"ClaimLease": 1}, "ClaimLease must be within 3..3600"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(ConfigError) as error:
@@ -76,3 +80,9 @@ def test_ohif_directory_defaults_to_the_repository_install_and_is_resolved(tmp_p
 def test_bad_ohif_directory_is_refused(value, message):
     with pytest.raises(ConfigError, match=message):
         from_orthanc({"MiniPacs": {"OhifDirectory": value}})
+
+
+def test_the_index_is_sqlite_unless_a_postgresql_connection_string_is_given(tmp_path):
+    assert from_orthanc({}, tmp_path).postgresql is None
+    config = from_orthanc({"MiniPacs": {"PostgreSQL": "postgresql://m@db/minipacs"}}, tmp_path)
+    assert (config.postgresql, config.claim_lease) == ("postgresql://m@db/minipacs", 30)

@@ -258,10 +258,10 @@ def test_reconcile_queues_the_missing_and_forgets_the_deleted(index, settings):
     kept = run(index, settings, "CT_small.dcm")["orthanc_id"]
     gone = run(index, settings, "MR_small.dcm")["orthanc_id"]
     queued = []
-    assert reconcile(index, settings.png_directory, {kept, "new-1", "new-2"}, queued.append) == (2, 1)
+    assert reconcile(index, settings.png_directory, lambda: {kept, "new-1", "new-2"}, queued.append) == (2, 1)
     assert queued == ["new-1", "new-2"]
     assert index.orthanc_instance_ids() == {kept} and gone not in index.orthanc_instance_ids()
-    assert reconcile(index, settings.png_directory, {kept}, queued.append) == (0, 0)
+    assert reconcile(index, settings.png_directory, lambda: {kept}, queued.append) == (0, 0)
 
 
 def test_an_index_made_by_an_older_version_gains_the_new_columns(tmp_path, settings):

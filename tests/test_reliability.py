@@ -1,6 +1,7 @@
 """Nothing lost: deletions follow Orthanc, and a crash mid-ingest is caught up exactly once."""
 
 import signal
+import sqlite3
 import threading
 import time
 
@@ -87,5 +88,29 @@ def test_kill_9_mid_ingest_then_restart_indexes_everything_once(tmp_path):
             server.upload(data)
         wait_until(lambda: same_as_orthanc(server) and len(server.json("/instances")) == len(files),
                    120, "the rest indexed")
+    finally:
+        server.stop()
+
+
+def test_a_stale_row_beside_a_missing_one_heals_at_the_next_reconciliation(tmp_path):
+    """The counts agree (one row too many, one too few): the identities do not, and the next
+    store moves Orthanc's change log, which has the next idle round compare them."""
+    server = OrthancServer(tmp_path)
+    server.config["MiniPacs"]["ReconcileInterval"] = 1
+    server.start()
+    try:
+        files = [synth.encode(ds) for ds in synth.generate(1, seed=13, size=64, slices=4, anomalies=0)]
+        for data in files[:3]:
+            server.upload(data)
+        server.wait_for_ingest()
+        gone = server.json("/instances")[0]
+        with sqlite3.connect(server.data / "index.sqlite") as db:  # as if its NewInstance were lost,
+            db.execute("DELETE FROM images WHERE orthanc_id = ?", (gone,))
+            db.execute("""INSERT INTO images (orthanc_id, series, sop_uid, status) SELECT 'stale',
+                          series, '9.9.9', status FROM images LIMIT 1""")  # and a deletion missed
+        server.upload(files[3])
+        # Before the tenth round (10 s), which compares them in any case.
+        wait_until(lambda: same_as_orthanc(server), 6, "the index equal to Orthanc by identity")
+        assert len(server.json("/instances")) == 4
     finally:
         server.stop()

@@ -35,6 +35,8 @@ class Config:
     attempts: int
     publish: str
     automatic_key_objects: bool
+    postgresql: str | None
+    claim_lease: int
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -57,6 +59,10 @@ _DEFAULTS: dict[str, Any] = {
     "MaxAttempts": 3,  # renderings that never finished before an instance is given up
     "PublishToOrthanc": "none",  # which scores become Orthanc metadata: none, flagged, all
     "AutomaticKeyObjects": False,  # a KOS in every flagged study (else on request, then kept)
+    # A PostgreSQL connection string: the index shared by several Orthanc nodes (docs/cluster.md)
+    # instead of the SQLite file "Database".
+    "PostgreSQL": None,
+    "ClaimLease": 30,  # seconds before another node takes the work of a node that stopped answering
 }
 PUBLISH_MODES = ("none", "flagged", "all")
 # The integer options' bounds: (lowest, highest or None, unit for the message).
@@ -70,6 +76,7 @@ _BOUNDS: dict[str, tuple[int, int | None, str]] = {
     "RendererMemoryLimit": (64, 1 << 20, " MB"),
     "RendererTimeLimit": (1, 3600, " seconds"),
     "MaxAttempts": (1, 100, ""),
+    "ClaimLease": (3, 3600, " seconds"),
 }
 
 
@@ -124,6 +131,11 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
     if publish not in PUBLISH_MODES:
         raise ConfigError(f"{SECTION}.PublishToOrthanc must be one of {', '.join(PUBLISH_MODES)}, "
                           f"not {publish!r}")
+    postgresql = _typed(options, "PostgreSQL", str)
+    if postgresql is not None and "Database" in options:
+        raise ConfigError(f"{SECTION}.PostgreSQL and {SECTION}.Database name two indexes: keep one")
+    if postgresql == "":
+        raise ConfigError(f"{SECTION}.PostgreSQL must be a connection string, not empty")
     return Config(
         data_directory=data,
         png_directory=path("PngDirectory", data / "png"),
@@ -144,4 +156,6 @@ def from_orthanc(configuration: Mapping[str, Any], base: Path | None = None) -> 
         attempts=ints["MaxAttempts"],
         publish=publish,
         automatic_key_objects=_typed(options, "AutomaticKeyObjects", bool),
+        postgresql=postgresql,
+        claim_lease=ints["ClaimLease"],
     )

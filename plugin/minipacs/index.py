@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
+# The tables and indexes, in SQL that both SQLite and PostgreSQL take (index_pg.py turns REAL
+# into double precision and the default time into its own); what each dialect adds follows.
+TABLES = """
 CREATE TABLE IF NOT EXISTS patients (
     orthanc_id TEXT PRIMARY KEY,
     patient_id TEXT NOT NULL,
@@ -95,7 +97,8 @@ CREATE TABLE IF NOT EXISTS images (
     series_uid TEXT,
     study_uid TEXT,
     patient_id TEXT,
-    item TEXT  -- the row as its JSON answer, kept by triggers (see _item_statements)
+    item TEXT,  -- the row as its JSON answer, kept by triggers (see _item_statements)
+    writes INTEGER NOT NULL DEFAULT 1  -- rows written for it by the workers (exactly once: 1)
 );
 CREATE INDEX IF NOT EXISTS images_of_series ON images(series, instance_number, sop_uid, orthanc_id);
 CREATE INDEX IF NOT EXISTS images_in_order ON images(instance_number, sop_uid, orthanc_id);
@@ -111,7 +114,8 @@ CREATE INDEX IF NOT EXISTS images_flagged_in_order ON images(anomaly_score DESC,
     WHERE flagged = 1;
 CREATE INDEX IF NOT EXISTS images_flagged_by_modality
     ON images(modality, anomaly_score DESC, orthanc_id, flagged) WHERE flagged = 1;
-
+"""
+SCHEMA = TABLES + """
 -- Instances handed to a renderer and not yet written: a crash (of Orthanc or of a renderer)
 -- leaves the claim, so that one that keeps crashing is given up after a few attempts.
 CREATE TABLE IF NOT EXISTS claims (
@@ -324,21 +328,28 @@ _IMAGE = (("OrthancID", "i.orthanc_id"), ("SOPInstanceUID", "i.sop_uid"),
           ("IndexedAt", "i.indexed_at"))
 
 
-def _json_value(sql: str, kind: str = "") -> str:
+def _json_value(sql: str, kind: str = "", postgresql: bool = False) -> str:
     """A column as a JSON value that reads back as the value stored: SQLite has no booleans,
     and writes a REAL with 15 significant digits, too few to read back the same float (17 are
-    enough, and ``json()`` makes the text a number). JSON has no infinity: it becomes null."""
+    enough, and ``json()`` makes the text a number); PostgreSQL's doubles are already written
+    so. JSON has no infinity: it becomes null."""
     if kind == BOOLEAN:
+        if postgresql:  # the column is an INTEGER there too
+            return f"CASE WHEN {sql} <> 0 THEN true WHEN {sql} = 0 THEN false END"
         return f"json(CASE WHEN {sql} THEN 'true' WHEN NOT {sql} THEN 'false' END)"
     if kind == REAL:
+        if postgresql:
+            return f"CASE WHEN abs({sql}) < CAST('Infinity' AS double precision) THEN {sql} END"
         return (f"CASE WHEN abs({sql}) <= 1.7976931348623157e308 "
                 f"THEN json(printf('%!.17g', {sql})) END")
     return sql
 
 
-def _json_object(columns: tuple[tuple[str, ...], ...]) -> str:
+def _json_object(columns: tuple[tuple[str, ...], ...], postgresql: bool = False) -> str:
     """The SQL expression of a row as one JSON object, its keys in the order of ``columns``."""
-    return "json_object(" + ", ".join(f"'{key}', {_json_value(*rest)}" for key, *rest in columns) + ")"
+    values = ", ".join(f"'{key}', {_json_value(sql, *kind, postgresql=postgresql)}"
+                       for key, sql, *kind in columns)
+    return f"{'json_build_object' if postgresql else 'json_object'}({values})"
 
 
 def _image_json(row: str) -> str:
@@ -363,11 +374,12 @@ BACKFILL["images", "item"] = f"UPDATE images SET item = {_image_json('images')}"
 class Level:
     """One level of the hierarchy: how to select, list and look it up."""
 
-    columns: str  # one JSON object per row (see _json_object)
+    columns: str  # one JSON object per row (SQLite's; see _json_object)
     source: str
     uid: str  # the DICOM identifier column
     order: str  # an index yields it (see SCHEMA)
     table: str  # the level's own table and alias, which page filters may name alone
+    fields: tuple = ()  # the (key, SQL[, kind]) of ``columns``, for another dialect's JSON
 
     @property
     def name(self) -> str:
@@ -379,11 +391,11 @@ class Level:
 
 
 PATIENTS = Level(_json_object(_PATIENT), "patients p", "p.patient_id", "p.patient_id, p.orthanc_id",
-                 "patients p")
+                 "patients p", _PATIENT)
 STUDIES = Level(_json_object(_STUDY), _FROM_STUDY, "s.study_uid",
-                "s.study_date, s.study_uid, s.orthanc_id", "studies s")
+                "s.study_date, s.study_uid, s.orthanc_id", "studies s", _STUDY)
 SERIES = Level(_json_object(_SERIES), _FROM_SERIES, "se.series_uid",
-               "se.series_number, se.series_uid, se.orthanc_id", "series se")
+               "se.series_number, se.series_uid, se.orthanc_id", "series se", _SERIES)
 IMAGES = Level("i.item", "images i", "i.sop_uid",
                "i.instance_number, i.sop_uid, i.orthanc_id", "images i")
 FLAGGED = Level("i.item", "images i", "i.sop_uid", "i.anomaly_score DESC, i.orthanc_id",
@@ -417,16 +429,27 @@ class InstanceRecord:
 
 
 def _upsert(table: str, row: dict[str, Any]) -> str:
+    """Insert or update a row (the same statement in both dialects); an image's ``writes``
+    counts the times it was written."""
     names = ", ".join(row)
     marks = ", ".join(f":{k}" for k in row)
-    updates = ", ".join(f"{k} = excluded.{k}" for k in row if k != "orthanc_id")
+    updates = [f"{k} = excluded.{k}" for k in row if k != "orthanc_id"]
+    if table == "images":
+        updates.append("writes = images.writes + 1")
     return (f"INSERT INTO {table} ({names}) VALUES ({marks}) "
-            f"ON CONFLICT(orthanc_id) DO UPDATE SET {updates}")
+            f"ON CONFLICT(orthanc_id) DO UPDATE SET {', '.join(updates)}")
 
 
 class Index:
     """The index file; safe to share between threads (one connection per thread, one writer
-    at a time)."""
+    at a time). :class:`minipacs.index_pg.PostgresIndex` is the same index on PostgreSQL: the
+    queries below are written for both, and what the dialects force differs in the attributes
+    and methods that one overrides."""
+
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)  #: what a failed query raises
+    anomaly_filters = ANOMALY_FILTERS
+    now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"  #: the time, as the rows record it
+    key = "rowid"  #: the column a page's rows are found by
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -480,7 +503,9 @@ class Index:
         meanwhile is left out); the claims of ``done`` are released in the same transaction.
         Returns the records written."""
         with self._writing() as db:
-            kept = [record for record in records if keep is None or keep(record)]
+            owned = self._finish_claims(db, done)
+            kept = [record for record in records if (keep is None or keep(record)) and (
+                owned is None or record.image["orthanc_id"] in owned)]
             for record in kept:
                 study = dict(record.study, patient=record.patient["orthanc_id"])
                 series = dict(record.series, study=record.study["orthanc_id"])
@@ -492,8 +517,13 @@ class Index:
                 db.execute(_upsert("studies", study), study)
                 db.execute(_upsert("series", series), series)
                 db.execute(_upsert("images", image), image)
-            db.executemany("DELETE FROM claims WHERE orthanc_id = ?", [(i,) for i in done])
         return kept
+
+    def _finish_claims(self, db, done: Sequence[str]) -> set[str] | None:
+        """Release the claims of ``done``; return the instances whose rows this process may
+        write, or None for all (one node: they are all its own)."""
+        db.executemany("DELETE FROM claims WHERE orthanc_id = ?", [(i,) for i in done])
+        return None
 
     def claim(self, orthanc_ids: Sequence[str]) -> None:
         """Count an attempt at each instance before it is rendered (see ``claims``)."""
@@ -532,20 +562,20 @@ class Index:
 
     def get(self, level: Level, uid: str) -> dict[str, Any] | None:
         """The resource whose DICOM identifier is ``uid`` (the first, should several share it)."""
-        return self._object(f"SELECT {level.columns} FROM {level.source} WHERE {level.uid} = ? "
-                            f"ORDER BY {level.order} LIMIT 1", (uid,))
+        return self._object(f"SELECT {self.columns(level)} FROM {level.source} WHERE {level.uid} = ? "
+                            f"ORDER BY {self.order(level)} LIMIT 1", (uid,))
 
     def image_by_orthanc_id(self, orthanc_id: str) -> dict[str, Any] | None:
-        return self._object(f"SELECT {IMAGES.columns} FROM {IMAGES.source} WHERE i.orthanc_id = ?",
+        return self._object(f"SELECT {self.columns(IMAGES)} FROM {IMAGES.source} WHERE i.orthanc_id = ?",
                             (orthanc_id,))
 
     def image_info(self, orthanc_id: str) -> dict[str, Any] | None:
         """The predecessor's ``/imageinfo`` answer: what a PNG shows and how it was made."""
         rows = self._all(
-            f"""SELECT i.instance_number AS InstanceNumber, p.patient_id AS PatientID,
-                i.rescale_intercept AS RescaleIntercept, i.rescale_slope AS RescaleSlope,
-                se.description AS SeriesDescription, s.description AS StudyDescription,
-                i.window_center AS WindowCenter, i.window_width AS WindowWidth
+            f"""SELECT i.instance_number AS "InstanceNumber", p.patient_id AS "PatientID",
+                i.rescale_intercept AS "RescaleIntercept", i.rescale_slope AS "RescaleSlope",
+                se.description AS "SeriesDescription", s.description AS "StudyDescription",
+                i.window_center AS "WindowCenter", i.window_width AS "WindowWidth"
             FROM {_FROM_IMAGE} WHERE i.orthanc_id = ?""", (orthanc_id,))
         return rows[0] if rows else None
 
@@ -561,11 +591,11 @@ class Index:
         if total is None:
             total = (self._scalar(f"SELECT count(*) FROM {level.table} {clause}", args) if where
                      else self.counts()[level.name])
-        keys = (f"SELECT {level.alias}.rowid AS k FROM {level.table} {clause} "
-                f"ORDER BY {level.order} LIMIT ? OFFSET ?")
+        keys = (f"SELECT {level.alias}.{self.key} AS k FROM {level.table} {clause} "
+                f"ORDER BY {self.order(level)} LIMIT ? OFFSET ?")
         rows = self._connection().execute(
-            f"SELECT {level.columns} FROM ({keys}) page CROSS JOIN {level.source} "
-            f"WHERE {level.alias}.rowid = page.k ORDER BY {level.order}", args + (limit, offset))
+            f"SELECT {self.columns(level)} FROM ({keys}) page CROSS JOIN {level.source} "
+            f"WHERE {level.alias}.{self.key} = page.k ORDER BY {self.order(level)}", args + (limit, offset))
         return "[" + ",".join(item for item, in rows) + "]", total
 
     def page(self, level: Level, limit: int, offset: int, where: str = "", args: tuple = (),
@@ -574,10 +604,20 @@ class Index:
         items, total = self.page_json(level, limit, offset, where, args, total)
         return json.loads(items), total
 
+    def columns(self, level: Level) -> str:
+        """The SQL of a level's rows as JSON text."""
+        return level.columns
+
+    def order(self, level: Level) -> str:
+        """A level's ORDER BY (SQLite sorts NULL first)."""
+        return level.order
+
+    # A counter may be kept in several rows (PostgreSQL: one per connection), hence the sums.
     def counts(self) -> dict[str, int]:
         found = dict(self._connection().execute(
-            "SELECT name, n FROM counters WHERE name IN ('patients', 'studies', 'series', 'images')"))
-        return {level: found[level] for level in LEVELS}
+            "SELECT name, sum(n) FROM counters WHERE name IN ('patients', 'studies', 'series', "
+            "'images') GROUP BY name"))
+        return {level: found.get(level, 0) for level in LEVELS}
 
     def patient_counts(self, patient_orthanc_id: str) -> dict[str, int]:
         row = self._connection().execute(
@@ -590,18 +630,19 @@ class Index:
         return dict(zip(("studies", "series", "images"), row))
 
     def flagged_count(self) -> int:
-        return self._scalar("SELECT n FROM counters WHERE name = 'flagged'")
+        return self._scalar("SELECT coalesce(sum(n), 0) FROM counters WHERE name = 'flagged'")
 
     def status_counts(self) -> dict[str, int]:
         rows = self._connection().execute(
-            "SELECT substr(name, 8), n FROM counters WHERE name LIKE 'status:%' AND n > 0")
+            "SELECT substr(name, 8), sum(n) FROM counters WHERE name LIKE 'status:%' "
+            "GROUP BY name HAVING sum(n) > 0")
         return {status: n for status, n in rows}
 
     def summary(self, where: str, args: tuple) -> dict[str, Any]:
         """Images, rendered, scored and flagged images and the highest score, under a filter
         on the joined images/series (e.g. ``se.study = ?``)."""
         row = self._connection().execute(
-            f"""SELECT count(*), coalesce(sum(i.status = 'rendered'), 0),
+            f"""SELECT count(*), count(CASE WHEN i.status = 'rendered' THEN 1 END),
                 count(i.anomaly_score), coalesce(sum(i.flagged), 0), max(i.anomaly_score)
             FROM images i JOIN series se ON se.orthanc_id = i.series WHERE {where}""",
             args).fetchone()
@@ -611,8 +652,8 @@ class Index:
         """Images scored by another model version than ``version`` (Stale), and rendered images
         with no score at all (Unscored): what a rescore would change."""
         row = self._connection().execute(
-            """SELECT coalesce(sum(model_version <> ?), 0),
-                      coalesce(sum(status = 'rendered' AND model_version IS NULL), 0)
+            """SELECT count(CASE WHEN model_version <> ? THEN 1 END),
+                      count(CASE WHEN status = 'rendered' AND model_version IS NULL THEN 1 END)
                FROM images""", (version,)).fetchone()
         return {"Stale": row[0], "Unscored": row[1]}
 
@@ -620,38 +661,46 @@ class Index:
         """Replace the scores of rendered images (``orthanc_id`` + the score columns)."""
         with self._writing() as db:
             db.executemany(
-                """UPDATE images SET anomaly_score = :anomaly_score, flagged = :flagged,
+                f"""UPDATE images SET anomaly_score = :anomaly_score, flagged = :flagged,
                        anomaly_reason = :anomaly_reason,
                        model_version = :model_version, threshold = :threshold,
-                       scored_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                       scored_at = {self.now}
                    WHERE orthanc_id = :orthanc_id""", scores)
 
     def rendered_images(self, after: str = "", limit: int = 500) -> list[tuple[str, str, str, bool]]:
         """(orthanc_id, png, study orthanc_id, flagged now) of rendered images, in ID order after
         ``after``."""
-        # "+i.status": walk the primary key in order; the status index would sort every image.
-        return self._connection().execute(
-            """SELECT i.orthanc_id, i.png, se.study, i.flagged IS 1 FROM images i
+        # "status || ''": walk the primary key in order; the status index would sort every image.
+        rows = self._connection().execute(
+            """SELECT i.orthanc_id, i.png, se.study, coalesce(i.flagged, 0) = 1 FROM images i
                JOIN series se ON se.orthanc_id = i.series
-               WHERE +i.status = 'rendered' AND i.orthanc_id > ? ORDER BY i.orthanc_id LIMIT ?""",
+               WHERE i.status || '' = 'rendered' AND i.orthanc_id > ? ORDER BY i.orthanc_id
+               LIMIT ?""",
             (after, limit)).fetchall()
+        return [(orthanc_id, png, study, bool(flagged)) for orthanc_id, png, study, flagged in rows]
 
     def delete(self, table: str, orthanc_id: str) -> list[str]:
         """Remove a resource, everything under it and the parents it leaves empty (as Orthanc
         does); return the PNG file names of the images removed."""
         if table not in ("patients", "studies", "series", "images"):
             raise ValueError(f"no such level: {table}")
+        with self._writing() as db:
+            return self._delete(db, table, orthanc_id)
+
+    def _delete(self, db, table: str, orthanc_id: str) -> list[str]:
+        """:meth:`delete` in the transaction of ``db``; an instance's claim goes with it."""
         under = {"patients": "p.orthanc_id", "studies": "s.orthanc_id",
                  "series": "se.orthanc_id", "images": "i.orthanc_id"}[table]
-        with self._writing() as db:
-            pngs = [row[0] for row in db.execute(
-                f"SELECT i.png FROM {_FROM_IMAGE} WHERE {under} = ? AND i.png IS NOT NULL",
-                (orthanc_id,))]
-            ancestors = self._ancestors(table, orthanc_id)
-            db.execute(f"DELETE FROM {table} WHERE orthanc_id = ?", (orthanc_id,))
-            for parent, child, column, parent_id in ancestors:  # only these can become empty
-                db.execute(f"DELETE FROM {parent} WHERE orthanc_id = ? AND NOT EXISTS "
-                           f"(SELECT 1 FROM {child} WHERE {column} = ?)", (parent_id, parent_id))
+        pngs = [row[0] for row in db.execute(
+            f"SELECT i.png FROM {_FROM_IMAGE} WHERE {under} = ? AND i.png IS NOT NULL",
+            (orthanc_id,))]
+        ancestors = self._ancestors(table, orthanc_id)
+        db.execute(f"DELETE FROM {table} WHERE orthanc_id = ?", (orthanc_id,))
+        if table == "images":
+            db.execute("DELETE FROM claims WHERE orthanc_id = ?", (orthanc_id,))
+        for parent, child, column, parent_id in ancestors:  # only these can become empty
+            db.execute(f"DELETE FROM {parent} WHERE orthanc_id = ? AND NOT EXISTS "
+                       f"(SELECT 1 FROM {child} WHERE {column} = ?)", (parent_id, parent_id))
         return pngs
 
     def study_of(self, table: str, orthanc_id: str) -> str | None:
@@ -663,7 +712,7 @@ class Index:
         """Whether an image of the study is flagged; None when the study is not indexed."""
         row = self._connection().execute(
             """SELECT (SELECT 1 FROM studies WHERE orthanc_id = :s), EXISTS (SELECT 1 FROM images i
-                 JOIN series se ON se.orthanc_id = i.series WHERE se.study = :s AND i.flagged)""",
+                 JOIN series se ON se.orthanc_id = i.series WHERE se.study = :s AND i.flagged = 1)""",
             {"s": study_orthanc_id}).fetchone()
         return None if row[0] is None else bool(row[1])
 
@@ -688,6 +737,10 @@ class Index:
             return {row[0] for row in self._connection().execute("SELECT orthanc_id FROM images")}
         return {row[0] for row in self._connection().execute(
             "SELECT orthanc_id FROM images WHERE status = ?", (status,))}
+
+    def queued(self) -> set[str]:
+        """The instances waiting in a shared queue (none: one node's queue is in memory)."""
+        return set()
 
     def png_names(self) -> set[str]:
         """The PNG files the index refers to."""

@@ -15,10 +15,13 @@ log = logging.getLogger("minipacs")
 def remove(index: idx.Index, png_directory: Path, table: str, orthanc_id: str,
            deletions: Deletions | None = None) -> int:
     """Forget a resource Orthanc deleted: its rows, those under it, and their PNGs; and, in
-    ``deletions``, that it was deleted, for the instances being rendered meanwhile."""
+    ``deletions``, that it was deleted, for the instances being rendered meanwhile. An
+    instance's PNG goes even without a row (rendered by a node that died before writing it)."""
     if deletions is not None:
         deletions.deleted(orthanc_id)
     pngs = index.delete(table, orthanc_id)
+    if table == "images":
+        (png_directory / f"{orthanc_id}.png").unlink(missing_ok=True)
     for name in pngs:
         (png_directory / name).unlink(missing_ok=True)
     return len(pngs)
@@ -36,15 +39,19 @@ def give_up(index: idx.Index, instance_id: str, attempts: int, lookup: OrthancLo
     log.error("instance %s given up after %d attempts", instance_id, attempts)
 
 
-def reconcile(index: idx.Index, png_directory: Path, in_orthanc: set[str],
+def reconcile(index: idx.Index, png_directory: Path, in_orthanc: Callable[[], set[str]],
               submit: Callable[[str], Any], lookup: OrthancLookup | None = None,
               attempts: int = 3) -> tuple[int, int]:
-    """Make the index hold exactly Orthanc's instances: queue the missing ones, forget the
-    deleted ones (stored or deleted while minipacs was not running, or dropped by a full
-    queue). A missing instance claimed ``attempts`` times already is given up (with
-    ``lookup``). Returns (queued, removed)."""
+    """Make the index hold exactly Orthanc's instances, compared by identity: queue the missing
+    ones, forget the deleted ones (stored or deleted while minipacs was not running, dropped by
+    a full queue, or missed). The index is read before Orthanc is asked, so that an instance
+    indexed meanwhile is not taken for a deleted one; queued instances are not missing. A
+    missing instance claimed ``attempts`` times already is given up (with ``lookup``).
+    Returns (queued, removed)."""
     indexed = index.orthanc_instance_ids()
-    missing, deleted = sorted(in_orthanc - indexed), sorted(indexed - in_orthanc)
+    stored = in_orthanc()
+    deleted = sorted(indexed - stored)
+    missing = sorted(stored - index.orthanc_instance_ids() - index.queued())
     claims = index.claims() if lookup is not None else {}
     queued = 0
     for instance_id in missing:
@@ -64,13 +71,16 @@ def reconcile(index: idx.Index, png_directory: Path, in_orthanc: set[str],
 def sweep(index: idx.Index, png_directory: Path, before: float) -> int:
     """Remove the files no row refers to, last written before ``before`` (a time): PNGs of rows
     never written or deleted while minipacs was not running, and temporary files a crash left.
-    Newer files may be a worker's, whose row is on its way. Returns how many were removed."""
+    Newer files may be a worker's, whose row is on its way; so may, in a shared directory, the
+    file of an instance another node holds (claimed: read first, the rows after, so that a row
+    written between the two reads is seen). Returns how many were removed."""
+    claimed = {f"{instance_id}.png" for instance_id in index.queued()}
     known = index.png_names()
     removed = 0
     with os.scandir(png_directory) as entries:
         for entry in entries:
-            orphan = entry.name.endswith(".png.part") or (entry.name.endswith(".png")
-                                                           and entry.name not in known)
+            orphan = entry.name.endswith(".png.part") or (
+                entry.name.endswith(".png") and entry.name not in known and entry.name not in claimed)
             if orphan and entry.stat().st_mtime < before:
                 Path(entry.path).unlink(missing_ok=True)
                 removed += 1

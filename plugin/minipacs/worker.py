@@ -8,7 +8,6 @@ import heapq
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -107,7 +106,7 @@ class Pipeline:
         if len(instance_ids) > 1:
             try:
                 suspects = self.index.claims(instance_ids)
-            except sqlite3.Error as exc:
+            except self.index.errors as exc:
                 self._failed("writing the index", str(exc), instance_ids)
                 return
         if not suspects:
@@ -124,7 +123,7 @@ class Pipeline:
     def _ingest(self, instance_ids: list[str]) -> None:
         try:
             self.index.claim(instance_ids)
-        except sqlite3.Error as exc:
+        except self.index.errors as exc:
             self._failed("writing the index", str(exc), instance_ids)
             return
         number = self.deletions.fetching()
@@ -141,7 +140,7 @@ class Pipeline:
             try:
                 images = ingest_many(self.index, self.settings, items, self.lookup, self.models,
                                      self.renderer, self.deletions, number)
-            except sqlite3.Error as exc:
+            except self.index.errors as exc:
                 self._failed("writing the index", str(exc), [i for i, _ in items])
                 return
             except Stopping:
@@ -204,10 +203,14 @@ class Worker:
             return False
 
     def stored(self, instance_id: str) -> bool:
-        """Orthanc has just stored this instance: queue it, and note the arrival, so that the
-        threads leave the CPU to Orthanc while a burst of instances is being stored."""
-        self._arrivals.append(time.monotonic())
+        """Orthanc has just stored this instance: queue it, and note the arrival."""
+        self.arrived()
         return self.submit(instance_id)
+
+    def arrived(self) -> None:
+        """Note that Orthanc stored an instance, so that the threads leave the CPU to Orthanc
+        while a burst of instances is being stored."""
+        self._arrivals.append(time.monotonic())
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the instances in hand, then stop; what is still queued waits for reconciliation."""

@@ -1,8 +1,8 @@
 """training.realinvalid: real pictures fetched from a package registry, real dialogs captured on
 Xvfb, and the broken renders made from a valid image's own values.
 
-Runs in .venv-training (``PYTHONPATH=plugin:. .venv-training/bin/python -m pytest
-tests/test_realinvalid.py``); the fetch needs apt-get and the Debian archive, the capture Xvfb."""
+Runs with the rest of the suite (the module needs numpy, Pillow and pydicom, not TensorFlow or
+scikit-image); the fetch needs apt-get and the Debian archive, the capture Xvfb."""
 
 import shutil
 import time
@@ -10,9 +10,8 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("skimage")  # the training venv, not the plugin's
-from training import realinvalid  # noqa: E402
-from training.sources import Valid  # noqa: E402
+from training import realinvalid
+from training.sources import Valid
 
 SMALL = next(s for s in realinvalid.PICTURE_SOURCES if s.name == "sway-backgrounds")  # 4.8 MB
 

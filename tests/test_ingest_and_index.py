@@ -595,7 +595,7 @@ def image_steps(index, call) -> list[str]:
     assert queries
     # The traced text has its parameters bound already: the plan needs none.
     return [step for sql in queries for *_, step in db.execute("EXPLAIN QUERY PLAN " + sql)
-            if step.startswith(("SCAN i", "SEARCH i "))]
+            if step.startswith(("SCAN i", "SEARCH i ", "SEARCH images "))]
 
 
 def test_summaries_and_counts_read_an_index_never_the_image_rows(index):
@@ -615,6 +615,21 @@ def test_summaries_and_counts_read_an_index_never_the_image_rows(index):
     flagged = "i.flagged = 1 AND " + idx.ANOMALY_FILTERS["series"]
     steps = image_steps(index, lambda: index.page_json(idx.FLAGGED, 25, 0, flagged, ("1.2.1",)))
     assert any("(series=? AND flagged=?)" in step for step in steps), steps
+
+
+def test_what_a_rescore_would_change_is_sought_not_scanned(index):
+    """/minipacs/model (every UI page reads it) counts stale and unscored images: seeks on an
+    index, so that it costs little at a million images when both counts are small."""
+    for n in range(30):
+        index.put(record(sop=f"1.2.3.{n}"))
+    index.set_scores([{"orthanc_id": orthanc_id, "anomaly_score": 0.1, "flagged": 0, "anomaly_reason": None,
+                       "model_version": "old", "threshold": 0.5}
+                      for orthanc_id in sorted(index.orthanc_instance_ids())[:10]])
+    assert index.unscored_by("new") == {"Stale": 10, "Unscored": 20}
+    assert index.unscored_by("old") == {"Stale": 0, "Unscored": 20}
+    steps = image_steps(index, lambda: index.unscored_by("new"))
+    assert steps and all(step.startswith("SEARCH") and "COVERING INDEX images_by_model" in step
+                         for step in steps), steps
 
 
 def test_pngs_are_written_whole_new_or_replaced(tmp_path):

@@ -114,6 +114,9 @@ CREATE INDEX IF NOT EXISTS images_flagged_in_order ON images(anomaly_score DESC,
     WHERE flagged = 1;
 CREATE INDEX IF NOT EXISTS images_flagged_by_modality
     ON images(modality, anomaly_score DESC, orthanc_id, flagged) WHERE flagged = 1;
+-- What a rescore would change (/minipacs/model, read by every UI page): seeks, not a scan of a
+-- million rows (0.8 s), since both counts are usually zero.
+CREATE INDEX IF NOT EXISTS images_by_model ON images(model_version, status);
 """
 SCHEMA = TABLES + """
 -- Instances handed to a renderer and not yet written: a crash (of Orthanc or of a renderer)
@@ -652,9 +655,9 @@ class Index:
         """Images scored by another model version than ``version`` (Stale), and rendered images
         with no score at all (Unscored): what a rescore would change."""
         row = self._connection().execute(
-            """SELECT count(CASE WHEN model_version <> ? THEN 1 END),
-                      count(CASE WHEN status = 'rendered' AND model_version IS NULL THEN 1 END)
-               FROM images""", (version,)).fetchone()
+            """SELECT (SELECT count(*) FROM images WHERE model_version < ? OR model_version > ?),
+                      (SELECT count(*) FROM images WHERE model_version IS NULL AND status = 'rendered')""",
+            (version, version)).fetchone()
         return {"Stale": row[0], "Unscored": row[1]}
 
     def set_scores(self, scores: list[dict[str, Any]]) -> None:

@@ -224,3 +224,33 @@ def test_reviews_read_the_same_on_both_dialects(tmp_path, dsn):
                        [len(reviews.history(index, r.image["orthanc_id"])) for r in records],
                        reviews.rejected(index, records[0].study["orthanc_id"])))
     assert found[0] == found[1] and found[0][0] == 1 and found[0][2] == 2
+
+
+def test_two_nodes_writing_one_studys_kos_leave_one_document(dsn):
+    """Each node has its own lock: when two nodes write a study's KOS at once, the one writing
+    last deletes the document the other wrote (the one in the shared row), not the one it read
+    before: Orthanc keeps one KOS per study."""
+    from minipacs.kos import KeyObjects
+
+    a, b = PostgresIndex(dsn, "node-a"), PostgresIndex(dsn, "node-b")
+    r = record(sop="1.2.3.1")
+    r.image.update(flagged=1, anomaly_score=0.9, anomaly_reason="picture", model_version="m1",
+                   sop_class_uid="1.2.840.10008.5.1.4.1.1.2")
+    a.claim([r.image["orthanc_id"]])
+    a.put_many([r], done=[r.image["orthanc_id"]])
+    study = r.study["orthanc_id"]
+    stored, deleted = [], []
+
+    def store(data: bytes) -> str:
+        stored.append(f"kos-{len(stored)}")
+        return stored[-1]
+
+    def node(index):
+        return KeyObjects(index, store, deleted.append, lambda _: {"MainDicomTags": {}, "PatientMainDicomTags": {}})
+
+    first, second = node(a), node(b)
+    first.current = second.current = lambda _: None  # both read "no KOS yet", as at once
+    first.update(study)
+    second.update(study)
+    assert stored == ["kos-0", "kos-1"] and deleted == ["kos-0"]
+    assert node(a).current(study)["OrthancID"] == "kos-1"

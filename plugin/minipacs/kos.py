@@ -192,13 +192,16 @@ class KeyObjects:
                 created = {"OrthancID": instance, "SOPInstanceUID": str(ds.SOPInstanceUID),
                            "CreatedAt": reviews.now()}
             with self.index._writing() as db:
-                db.execute("DELETE FROM key_objects WHERE study = ?", (study_orthanc_id,))
+                # The document this replaces is the one in the row now, not the one read above:
+                # another node of a cluster may have written one meanwhile.
+                replaced = [row[0] for row in db.execute(
+                    "DELETE FROM key_objects WHERE study = ? RETURNING instance", (study_orthanc_id,))]
                 if created:
                     db.execute("INSERT INTO key_objects (study, instance, sop_uid, created_at) "
                                "VALUES (?, ?, ?, ?)", (study_orthanc_id, created["OrthancID"],
                                                        created["SOPInstanceUID"], created["CreatedAt"]))
-            if previous is not None and (created is None or previous["OrthancID"] != created["OrthancID"]):
-                self.delete(previous["OrthancID"])
+            for instance in replaced:
+                self.delete(instance)
             return {**(created or {"OrthancID": None, "SOPInstanceUID": None, "CreatedAt": None}),
                     "Instances": [image["SOPInstanceUID"] for image in images],
                     "Replaced": previous["SOPInstanceUID"] if previous else None}

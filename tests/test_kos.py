@@ -121,6 +121,10 @@ def test_kos_follows_the_reviews_and_passes_dciodvfy(server, tmp_path):
                 if i["SOPClassUID"] == kos.KOS_SOP_CLASS]
     assert [i["SOPInstanceUID"] for i in kos_rows] == [latest["SOPInstanceUID"]]  # one KOS per study
 
+    # Deleted by hand in Orthanc: minipacs no longer names it.
+    assert server.session.delete(f"{server.url}/instances/{latest['OrthancID']}").status_code == 200
+    wait_for(lambda: server.get(f"/minipacs/studies/{study}/kos").status_code == 404)
+
 
 def test_a_deleted_instance_takes_its_reviews_with_it(server):
     image = server.json("/minipacs/anomalies?limit=1")["items"][0]

@@ -177,6 +177,7 @@ CREATE TABLE IF NOT EXISTS key_objects (
     sop_uid TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS key_objects_by_instance ON key_objects(instance);
 """
 # Indexes of older versions that the ones above replace.
 OBSOLETE_INDEXES = ("patients_by_patient_id", "studies_by_patient", "series_by_study",
@@ -699,8 +700,9 @@ class Index:
             (orthanc_id,))]
         ancestors = self._ancestors(table, orthanc_id)
         db.execute(f"DELETE FROM {table} WHERE orthanc_id = ?", (orthanc_id,))
-        if table == "images":
+        if table == "images":  # its claim, and the study's KOS record if it was that KOS
             db.execute("DELETE FROM claims WHERE orthanc_id = ?", (orthanc_id,))
+            db.execute("DELETE FROM key_objects WHERE instance = ?", (orthanc_id,))
         for parent, child, column, parent_id in ancestors:  # only these can become empty
             db.execute(f"DELETE FROM {parent} WHERE orthanc_id = ? AND NOT EXISTS "
                        f"(SELECT 1 FROM {child} WHERE {column} = ?)", (parent_id, parent_id))

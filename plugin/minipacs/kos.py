@@ -141,6 +141,7 @@ class KeyObjects:
             self._changed.notify()
 
     def pending(self) -> int:
+        """Studies whose KOS is scheduled or being written."""
         with self._changed:
             return len(self._pending)
 
@@ -152,19 +153,20 @@ class KeyObjects:
         while not stopping.is_set():
             with self._changed:
                 now = time.monotonic()
-                due = [study for study, when in self._pending.items() if now - when >= self.settle]
-                for study in due:
-                    del self._pending[study]
+                due = [(study, when) for study, when in self._pending.items() if now - when >= self.settle]
                 if not due:
                     waits = [self.settle - (now - when) for when in self._pending.values()]
                     self._changed.wait(min(waits, default=1.0))
-            for study in due:
+            for study, when in due:
                 if stopping.is_set():
                     return
                 try:
                     self.update(study)
                 except Exception:  # the next change of the study, or the next start, retries
                     log.exception("writing the KOS of study %s failed", study)
+                with self._changed:  # pending until written (unless it changed again meanwhile)
+                    if self._pending.get(study) == when:
+                        del self._pending[study]
 
     def current(self, study_orthanc_id: str) -> dict[str, Any] | None:
         row = self.index._connection().execute(

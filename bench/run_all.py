@@ -103,6 +103,15 @@ def routes_rows(r: dict) -> list[Row]:
              f"≤ Orthanc /patients/{{id}} ({r['target_p99_ms']:.1f} ms)", not r["slower_than_target"])]
 
 
+def windows_rows(r: dict) -> list[Row]:
+    sizes = r["by_fraction_of_width"]
+    cells = ", ".join(f"{float(k):.0%}: {v['network']:.2f} → {v['with_checks']:.2f}" for k, v in sizes.items()
+                      if float(k) <= 0.2)
+    worst = max(c["ms"] for c in r["window_box_ms"].values())
+    return [("small dialogs flagged: network alone → with the window check", cells, "—", None),
+             ("window check per image (slowest real host)", f"{worst:.2f} ms", "—", None)]
+
+
 def training_rows(r: dict) -> list[Row]:
     steady = r["images_per_s_after_first"]
     return [(f"training, {r['architecture']} at {r['input_size']}px, batch {r['batch_size']}",
@@ -137,6 +146,7 @@ BENCHES = {
     "latency": Bench("latency.py", (), ("--rate", "10", "--seconds", "3"), latency_rows),
     "routes": Bench("routes.py", (), ("--images", "20000", "--patients", "200", "--requests", "50"),
                     routes_rows),
+    "windows": Bench("windows.py", (), ("--per-size", "2"), windows_rows),
     "training": Bench("training.py", (), ("--images", "256", "--epochs", "2"), training_rows,
                       TRAINING_PYTHON),
     "memory": Bench("memory.py", ("--calls", "100000", "--ingests", "10000"),

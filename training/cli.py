@@ -287,13 +287,13 @@ def compare_on_reviews(model, data: Path, size: int, threshold: float) -> dict |
         return None
     images = [picture_pixels(data / r["file"]) for r in rows]
     for row, pixels in zip(rows, images):
-        row["proven"] = reasons.by_construction(pixels)
+        row["proven"] = reasons.checks(pixels)
     p_valid = with_proven(rows, model.predict(preprocess.batch(images, size), batch_size=128, verbose=0))[:, 0]
     return review_comparison(rows, p_valid, threshold)
 
 
 def with_proven(rows: list[dict], p_class):
-    """The softmax as the plugin acts on it: an image ``reasons.by_construction`` proves
+    """The softmax as the plugin acts on it: an image ``reasons.checks`` flags
     anomalous (row ``proven``) gets all its probability on that reason, whatever the network said."""
     from minipacs import reasons
 

@@ -275,11 +275,11 @@ def read_manifest(data: Path) -> list[dict]:
 def load_split(data: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """The model input of one split: ``preprocess.batch`` of the PNGs, class indices into
     ``reasons.CLASSES`` (0 = valid), manifest rows; each row's ``proven`` is what
-    ``reasons.by_construction`` says of the full-size PNG, as the plugin checks it before the
+    ``reasons.checks`` says of the full-size PNG, as the plugin checks it before the
     network (None or a reason)."""
     rows = [r for r in read_manifest(data) if r["split"] == split]
     images = [picture_pixels(data / r["file"]) for r in tqdm(rows, desc=f"loading {split}", unit="img")]
     for row, pixels in zip(rows, images):
-        row["proven"] = reasons.by_construction(pixels)
+        row["proven"] = reasons.checks(pixels)
     x = preprocess.batch(images, size) if images else np.zeros((0, size, size, 1), np.float32)
     return x, np.array([reasons.CLASSES.index(r["reason"]) for r in rows], np.int64), rows

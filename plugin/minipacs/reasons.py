@@ -8,11 +8,15 @@ with its sub-kind after a colon (``broken_render:blank``, ...). The anomaly mode
 (``METADATA_CLASSES``), so a model trained on another list is read with its own.
 
 Two broken renders need no network: an image with (almost) one grey value is blank, and an
-image whose window clips nearly every pixel to black or white shows nothing of its values. Both
-are read off the display pixels, so ingest and rescoring (which reads the PNGs) agree.
+image whose window clips nearly every pixel to black or white shows nothing of its values. And
+one overlay needs the full resolution the network does not see: a GUI window burned in too small
+for its 128-pixel view (:mod:`minipacs.windows`). All are read off the display pixels, so ingest
+and rescoring (which reads the PNGs) agree.
 """
 
 import numpy as np
+
+from minipacs import windows
 
 PICTURE, OVERLAY, BROKEN = "picture", "overlay", "broken_render"
 BROKEN_KINDS = ("blank", "clipped_window", "corrupted_rows", "truncated", "noise", "byte_order",
@@ -45,6 +49,12 @@ def by_construction(pixels: np.ndarray) -> str | None:
     if pixels.ndim == 2 and _extremes(pixels[::4, ::4]) >= 0.99 and _extremes(pixels) >= CLIPPED_SHARE:
         return f"{BROKEN}:clipped_window"
     return None
+
+
+def checks(pixels: np.ndarray) -> str | None:
+    """What the checks run before the network find: a broken render :func:`by_construction`,
+    else ``overlay`` for a window burned in (:func:`windows.window_box`), else None."""
+    return by_construction(pixels) or (OVERLAY if windows.window_box(pixels) is not None else None)
 
 
 def _extremes(pixels: np.ndarray) -> float:

@@ -7,7 +7,7 @@ the threshold; its anomaly score is 1 − P(valid), so higher means more anomalo
 
 A model that also outputs ``p_class`` (one probability per class of its ``minipacs.classes``
 metadata) gives each flag its reason: the likeliest class other than valid. The checks of
-:func:`reasons.by_construction` run first: what they prove is flagged with score 1 whatever the
+:func:`reasons.checks` run first: what they find is flagged with score 1 whatever the
 network says.
 
 A model is checked before it is put in use (:func:`check_signature`, the metadata ranges and a
@@ -202,7 +202,7 @@ class Scorer:
         threshold, version = self.info.threshold, self.info.version
         scores = []
         for pixels, p, reason in zip(images, *self.predict(images)):
-            proven = reasons.by_construction(pixels)
+            proven = reasons.checks(pixels)
             flagged = proven is not None or float(p) < threshold
             scores.append(Score(anomaly_score=1.0 if proven else 1.0 - float(p), flagged=flagged,
                                 model_version=version, threshold=threshold,

@@ -1,0 +1,107 @@
+"""Dialogs too small for the network: how many the scorer flags, with and without the window check.
+
+    .venv/bin/python bench/windows.py [--model PATH] [--per-size N] [--json PATH]
+
+Real dialogs captured on Xvfb (``training.realinvalid``'s, cached under var/realinvalid; Xvfb
+and zenity needed the first time) are burned into the real CT, MR and CR images of pydicom's
+corpus (at least 256 pixels wide, and accepted by the model as they are) at 5-60 % of the
+image's width, at random places, with a random resampling. For each size: the share the
+network alone flags, and the share the scorer flags (the network and ``reasons.checks``). Also:
+the check's cost on each host image, and its finds on every CT/MR/CR/DX frame of the corpus.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "plugin"), str(ROOT), str(ROOT / "bench")]
+
+from minipacs import render, windows  # noqa: E402
+from minipacs.config import DEFAULT_MODEL  # noqa: E402
+from minipacs.scoring import Scorer  # noqa: E402
+from common import context, per_call_ms, write_results  # noqa: E402
+from tests.corpus import find, pydicom_data_files, pydicom_test_files  # noqa: E402
+from training import realinvalid  # noqa: E402
+
+HOSTS = ("693_UNCI.dcm", "J2K_pixelrep_mismatch.dcm", "examples_overlay.dcm",
+         "MR-SIEMENS-DICOM-WithOverlays.dcm", "RG1_UNCI.dcm", "RG3_UNCI.dcm", "eCT_Supplemental.dcm",
+         "explicit_VR-UN.dcm", "MR2_UNCI.dcm", "bad_sequence.dcm")
+FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6)
+RESAMPLING = (Image.Resampling.LANCZOS, Image.Resampling.BILINEAR, Image.Resampling.NEAREST)
+
+
+def corpus_finds() -> tuple[int, list[str]]:
+    """Frames of the corpus' CT/MR/CR/DX images checked, and those the check takes for a window."""
+    checked, found = 0, []
+    for path in pydicom_test_files() + pydicom_data_files():
+        ds = pydicom.dcmread(path, force=True)
+        if ds.get("Modality") not in ("CT", "MR", "CR", "DX") or "PixelData" not in ds:
+            continue
+        for frame in range(int(ds.get("NumberOfFrames") or 1)):
+            try:
+                pixels = render.render(ds, frame).pixels
+            except Exception:  # the corpus' deliberately broken files
+                break
+            checked += 1
+            if windows.window_box(pixels) is not None:
+                found.append(f"{path.name}[{frame}]")
+    return checked, found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--dialogs", type=Path, default=ROOT / "var" / "realinvalid")
+    parser.add_argument("--per-size", type=int, default=15, help="dialogs per host image and size")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    realinvalid.capture_dialogs(args.dialogs)  # a no-op once they are there
+    dialogs = [np.asarray(Image.open(f).convert("L")) for f in realinvalid.dialog_files(args.dialogs)]
+    scorer = Scorer(args.model)
+    hosts = {name: render.render(pydicom.dcmread(find(name))).pixels for name in HOSTS}
+    accepted = {name: px for name, px in hosts.items() if not scorer.score(px).flagged}
+    rng = np.random.default_rng(0)
+    sizes = {}
+    for fraction in FRACTIONS:
+        network = flagged = tried = 0
+        for pixels in accepted.values():
+            h, w = pixels.shape
+            for _ in range(args.per_size):
+                dialog = dialogs[int(rng.integers(len(dialogs)))]
+                bw = int(fraction * w)
+                bh = max(4, round(dialog.shape[0] * bw / dialog.shape[1]))
+                if bh > 0.9 * h:
+                    continue
+                patch = np.asarray(Image.fromarray(dialog).resize((bw, bh), RESAMPLING[int(rng.integers(3))]))
+                x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+                out = pixels.copy()
+                out[y:y + bh, x:x + bw] = patch
+                p_valid, _ = scorer.predict([out])
+                network += bool(p_valid[0] < scorer.info.threshold)
+                flagged += scorer.score(out).flagged
+                tried += 1
+        sizes[str(fraction)] = {"tried": tried, "network": network / tried, "with_checks": flagged / tried}
+    cost = {name: {"shape": list(px.shape), "ms": per_call_ms(lambda: windows.window_box(px), 20)}
+            for name, px in hosts.items()}
+    checked, found = corpus_finds()
+    results = {**context(), "model": scorer.info.version, "hosts": sorted(accepted),
+               "dialogs": len(dialogs), "by_fraction_of_width": sizes, "window_box_ms": cost,
+               "corpus_frames_checked": checked, "corpus_frames_taken_for_a_window": found}
+    print(f"dialogs burned into {len(accepted)} real images the model accepts ({scorer.info.version}):")
+    for fraction, r in sizes.items():
+        print(f"  {float(fraction):4.0%} of the width: network {r['network']:.2f}, "
+              f"with the checks {r['with_checks']:.2f} of {r['tried']}")
+    for name, c in cost.items():
+        print(f"  window_box on {name} {c['shape']}: {c['ms']:.2f} ms")
+    print(f"  corpus CT/MR/CR/DX frames taken for a window: {len(found)} of {checked}")
+    write_results(args.json, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Finding a GUI window (an error dialog, a message box) burned into the display pixels.
+
+The network sees every image at 128×128: a dialog a tenth of a 512-pixel image wide is 13
+pixels there, a grey smudge, and goes through. At full resolution it is still what no scan has:
+an axis-aligned rectangle whose top row is one even grey across its whole width, set off from
+the row above, with straight left and right sides and a bottom edge of the same extent. Anatomy
+has curved edges; the straight ones of a scan (a CT table, a radiograph's collimation, the
+zero-filled band of a rectangular MR field of view) are either not closed on four sides, or are
+the edge of a clipped (black or white) region, or span most of the image.
+
+Measured on the training data's 9,000 valid renders and augmentations (real and synthetic),
+pydicom's corpus and orthanc-tests' real MR/CT, and on real dialogs burned in at 5–40 % of the
+width: docs/invalid-data.md.
+"""
+
+import numpy as np
+
+#: Grey levels between the two sides of an edge (a window's frame against the image behind it).
+CONTRAST = 20
+#: Largest step between neighbours along an edge row: a frame is even; resampling rings a little.
+EVEN = 8
+#: Share of an edge's length (or height) that must show the contrast.
+SHARE = 0.7
+#: Images are checked on at most this many pixels a side (every 2nd, 3rd ... pixel beyond).
+LIMIT = 512
+#: A window is at least this wide (pixels of the checked image, and 4 % of its width) and at
+#: most half the width: wider ones the network sees.
+MIN_WIDTH, MAX_FRACTION = 20, 0.5
+#: Height between 15 % and 120 % of the width (dialogs are landscape), and at least 6 rows.
+MIN_HEIGHT, ASPECT = 6, (0.15, 1.2)
+
+
+def window_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(x0, y0, x1, y1)`` (inclusive, in ``pixels``' coordinates) of a window burned into an
+    8-bit grey display image, or None. Colour images are not checked: ultrasound screens carry
+    boxes of their own (a Doppler region, colour bars), and a colour screenshot is the network's."""
+    if pixels.ndim != 2 or pixels.dtype != np.uint8:
+        return None
+    step = max(1, -(-max(pixels.shape) // LIMIT))
+    g = np.ascontiguousarray(pixels[::step, ::step])
+    h, w = g.shape
+    if min(h, w) < 2 * MIN_HEIGHT:
+        return None
+    across = _step(g[:, 1:], g[:, :-1])                 # (h, w-1): pixel x+1 against x
+    rows_differ = _step(g[1:], g[:-1]) >= CONTRAST        # (h-1, w): row y+1 against y
+    candidates = _top_edges(rows_differ[:, :-1] & (across[1:] <= EVEN), w)
+    if candidates is None:
+        return None
+    ys, x0s, x1s = candidates
+    ys = ys + 1  # row i of the mask is the row below the edge
+    # The sides must already show over the first rows, which rules out most edges cheaply.
+    first = np.minimum(ys[:, None] + np.arange(MIN_HEIGHT), h - 1)
+    left = np.max([(across[first, c[:, None]] >= CONTRAST).mean(axis=1) for c in (x0s - 2, x0s - 1, x0s)],
+                  axis=0)
+    right = np.max([(across[first, c[:, None]] >= CONTRAST).mean(axis=1)
+                    for c in (x1s - 1, x1s, np.minimum(x1s + 1, w - 2))], axis=0)
+    for i in np.flatnonzero((left >= SHARE) & (right >= SHARE)):
+        box = _closed_below(g, rows_differ, across, int(ys[i]), int(x0s[i]), int(x1s[i]))
+        if box is not None:
+            return tuple(v * step for v in box)
+    return None
+
+
+def _step(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a - b| of uint8 images, in uint8 (half the memory traffic of int16)."""
+    return np.maximum(a, b) - np.minimum(a, b)
+
+
+def _top_edges(mask: np.ndarray, w: int):
+    """Runs of ``mask`` (row i: the row below differs from the one above, and is even along)
+    of a window's width, away from the image's sides; one-pixel gaps bridged."""
+    mask[:, 1:-1] |= mask[:, :-2] & mask[:, 2:]
+    least = int(max(MIN_WIDTH, 0.04 * w))
+    # Only the rows that hold a long enough run, then their runs one by one.
+    long_run, span = mask, 1  # long_run[y, x]: mask[y, x:x + span] all true
+    while span < least and long_run.shape[1] > 1:
+        shift = min(span, least - span)
+        long_run, span = long_run[:, :-shift] & long_run[:, shift:], span + shift
+    rows = np.flatnonzero(long_run.any(axis=1)) if span == least else []
+    if not len(rows):
+        return None
+    edges = np.diff(np.pad(mask[rows], ((0, 0), (1, 1))).view(np.int8), axis=1)
+    index, x0s = np.nonzero(edges == 1)
+    x1s = np.nonzero(edges == -1)[1]  # the last even pair (x, x+1) ends at pixel x+1
+    width = x1s - x0s + 1
+    keep = (width >= least) & (width <= MAX_FRACTION * w) & (x0s >= 2) & (x1s <= w - 3)
+    return (rows[index[keep]], x0s[keep], x1s[keep]) if keep.any() else None
+
+
+def _closed_below(g, rows_differ, across, y0: int, x0: int, x1: int):
+    """The box under the top edge ``y0, x0..x1``: the first row below that differs from the next
+    over the same extent while both sides stay straight down to it; None if none does."""
+    width = x1 - x0 + 1
+    level = int(g[y0, (x0 + x1) // 2])
+    if level <= 2 or level >= 253:  # the edge of a clipped region (air, a shutter), not a frame
+        return None
+    lo = y0 + max(MIN_HEIGHT - 1, int(ASPECT[0] * width))
+    hi = min(g.shape[0] - 2, y0 + int(ASPECT[1] * width))
+    if lo > hi:
+        return None
+    bottom = rows_differ[lo:hi + 1, x0:x1 + 1].mean(axis=1)
+    height = np.arange(lo, hi + 1) - y0 + 1
+
+    def side(columns):
+        return np.max([np.cumsum(across[y0:hi + 1, c] >= CONTRAST)[lo - y0:] / height for c in columns], axis=0)
+
+    w = g.shape[1]
+    closed = (bottom >= SHARE) & (side((x0 - 2, x0 - 1, x0)) >= SHARE) & \
+        (side((x1 - 1, x1, min(x1 + 1, w - 2))) >= SHARE)
+    if not closed.any():
+        return None
+    return x0, y0, x1, lo + int(np.argmax(closed))

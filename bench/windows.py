@@ -12,7 +12,6 @@ the check's cost on each host image, and its finds on every CT/MR/CR/DX frame of
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from minipacs import render, windows  # noqa: E402
 from minipacs.config import DEFAULT_MODEL  # noqa: E402
 from minipacs.scoring import Scorer  # noqa: E402
 from common import context, per_call_ms, write_results  # noqa: E402
-from tests.corpus import find, pydicom_data_files, pydicom_test_files  # noqa: E402
+from tests.corpus import find, scan_frames  # noqa: E402
 from training import realinvalid  # noqa: E402
 
 HOSTS = ("693_UNCI.dcm", "J2K_pixelrep_mismatch.dcm", "examples_overlay.dcm",
@@ -38,20 +37,9 @@ RESAMPLING = (Image.Resampling.LANCZOS, Image.Resampling.BILINEAR, Image.Resampl
 
 def corpus_finds() -> tuple[int, list[str]]:
     """Frames of the corpus' CT/MR/CR/DX images checked, and those the check takes for a window."""
-    checked, found = 0, []
-    for path in pydicom_test_files() + pydicom_data_files():
-        ds = pydicom.dcmread(path, force=True)
-        if ds.get("Modality") not in ("CT", "MR", "CR", "DX") or "PixelData" not in ds:
-            continue
-        for frame in range(int(ds.get("NumberOfFrames") or 1)):
-            try:
-                pixels = render.render(ds, frame).pixels
-            except Exception:  # the corpus' deliberately broken files
-                break
-            checked += 1
-            if windows.window_box(pixels) is not None:
-                found.append(f"{path.name}[{frame}]")
-    return checked, found
+    frames = list(scan_frames())
+    return len(frames), [f"{name}[{frame}]" for name, frame, pixels in frames
+                         if windows.window_box(pixels) is not None]
 
 
 def main() -> None:

@@ -202,11 +202,11 @@ class Scorer:
         threshold, version = self.info.threshold, self.info.version
         scores = []
         for pixels, p, reason in zip(images, *self.predict(images)):
-            proven = reasons.checks(pixels)
-            flagged = proven is not None or float(p) < threshold
-            scores.append(Score(anomaly_score=1.0 if proven else 1.0 - float(p), flagged=flagged,
+            found = reasons.checks(pixels)
+            flagged = found is not None or float(p) < threshold
+            scores.append(Score(anomaly_score=1.0 if found else 1.0 - float(p), flagged=flagged,
                                 model_version=version, threshold=threshold,
-                                reason=(proven or reason) if flagged else None))
+                                reason=(found or reason) if flagged else None))
         return scores
 
     def score(self, pixels: np.ndarray) -> Score:

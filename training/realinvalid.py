@@ -366,6 +366,9 @@ ERRORS = (
 )
 TITLES = ("Error", "Warning", "PACS Viewer", "Information", "DICOM Import", "Question", "Viewer",
           "Workstation", "Radiology", "Alert", "Application Error", "Study Browser", "")
+#: A capture spanning fewer grey levels than this is a window not drawn yet (GTK 4 under Xvfb
+#: maps it black first), not a dialog.
+BLANK_SHOT = 16
 FONTS = ("DejaVu Sans", "DejaVu Serif", "DejaVu Sans Mono", "Liberation Sans", "Liberation Serif",
          "Liberation Mono", "Nimbus Sans", "Nimbus Roman", "URW Bookman", "C059", "P052")
 XFONTS = ("fixed", "6x13", "7x14", "8x13", "9x15", "10x20", "12x24", "variable",
@@ -463,12 +466,16 @@ class Screen:
             ids = found.stdout.split()
             if not ids:
                 return None
-            time.sleep(settle)
-            dump = subprocess.run(["xwd", "-silent", "-frame", "-id", ids[-1]], env=env, capture_output=True,
-                                  timeout=timeout)
-            if dump.returncode != 0 or len(dump.stdout) < 100:
-                return None
-            return read_xwd(dump.stdout)
+            for attempt in range(4):  # GTK 4 maps its window before the first frame is drawn
+                time.sleep(settle * 2 ** attempt)
+                dump = subprocess.run(["xwd", "-silent", "-frame", "-id", ids[-1]], env=env,
+                                      capture_output=True, timeout=timeout)
+                if dump.returncode != 0 or len(dump.stdout) < 100:
+                    return None
+                shot = read_xwd(dump.stdout)
+                if int(np.ptp(shot)) >= BLANK_SHOT:
+                    return shot
+            return None  # still blank: not a dialog anyone saw
         except (subprocess.TimeoutExpired, ValueError):
             return None
         finally:
@@ -477,13 +484,18 @@ class Screen:
 
 
 def _gtk_env(rng, folder: Path) -> tuple[dict, dict]:
-    """A GTK settings file with a random font, size and light/dark theme."""
+    """A GTK settings file with a random font, size and light/dark theme, for GTK 3 (zenity 3,
+    bookworm) and GTK 4 (zenity 4, trixie); GTK 4 drawing with cairo, not GL, which Xvfb lacks."""
     font, size = str(rng.choice(FONTS)), int(rng.integers(8, 17))
     dark = bool(rng.random() < 0.3)
-    (folder / "gtk-3.0").mkdir(parents=True, exist_ok=True)
-    (folder / "gtk-3.0" / "settings.ini").write_text(
-        f"[Settings]\ngtk-font-name={font} {size}\ngtk-application-prefer-dark-theme={int(dark)}\n")
-    return {"XDG_CONFIG_HOME": str(folder)}, {"font": font, "size": size, "dark": dark}
+    for version in ("gtk-3.0", "gtk-4.0"):
+        (folder / version).mkdir(parents=True, exist_ok=True)
+        (folder / version / "settings.ini").write_text(
+            f"[Settings]\ngtk-font-name={font} {size}\ngtk-application-prefer-dark-theme={int(dark)}\n")
+    env = {"XDG_CONFIG_HOME": str(folder), "GSK_RENDERER": "cairo"}
+    if dark:  # libadwaita (zenity 4) ignores GTK's dark-theme setting
+        env["ADW_DEBUG_COLOR_SCHEME"] = "prefer-dark"
+    return env, {"font": font, "size": size, "dark": dark}
 
 
 TK_DIALOG = r"""

@@ -80,14 +80,19 @@ def test_resolution_variants_share_a_group():
         realinvalid._group_of(source, "w/Kite/contents/images/800x600.jpg")
 
 
-@pytest.fixture(scope="module")
-def captured(tmp_path_factory):
+def capture(tmp_path_factory, **options):
+    """Dialogs captured on Xvfb into a fresh cache (the test is skipped where Xvfb is missing):
+    the cache and ``capture_dialogs``' summary."""
     reason = realinvalid.xvfb_missing()
     if reason:
         pytest.skip(f"no dialog capture here: {reason}")
     cache = tmp_path_factory.mktemp("dialogs")
-    done = realinvalid.capture_dialogs(cache, dialogs=6, windows=2, seed=1, budget_s=60)
-    return cache, done
+    return cache, realinvalid.capture_dialogs(cache, **options)
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+    return capture(tmp_path_factory, dialogs=6, windows=2, seed=1, budget_s=60)
 
 
 def test_dialog_capture_gives_distinct_images(captured):

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from minipacs import reasons, render, windows
 from minipacs.scoring import Scorer
 from tests.corpus import find, scan_frames
+from tests.test_realinvalid import capture
 from tests.test_scoring import brightness_model
 from training import realinvalid
 
@@ -25,11 +26,7 @@ def rendered(name: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def dialogs(tmp_path_factory):
-    reason = realinvalid.xvfb_missing()
-    if reason:
-        pytest.skip(f"no dialog capture here: {reason}")
-    cache = tmp_path_factory.mktemp("dialogs")
-    realinvalid.capture_dialogs(cache, dialogs=8, windows=0, seed=3, budget_s=90)
+    cache, _ = capture(tmp_path_factory, dialogs=8, windows=0, seed=3, budget_s=90)
     return [np.asarray(Image.open(f).convert("L")) for f in realinvalid.dialog_files(cache)]
 
 

@@ -113,9 +113,10 @@ def windows_rows(r: dict) -> list[Row]:
 
 
 def training_rows(r: dict) -> list[Row]:
-    steady = r["images_per_s_after_first"]
+    steady, frozen = r["images_per_s_after_first"], r.get("frozen_features_images_per_s")
     return [(f"training, {r['architecture']} at {r['input_size']}px, batch {r['batch_size']}",
-             (f"{steady:.0f} images/s per epoch" if steady else "one epoch only")
+             (f"frozen features {frozen:.0f} images/s once, then " if frozen else "")
+             + (f"{steady:.0f} images/s per epoch" if steady else "one epoch only")
              + f" (first epoch, with tracing: {r['images_per_s_first_epoch']:.0f})", "—", None)]
 
 

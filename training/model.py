@@ -91,6 +91,68 @@ def predecessor(size: int) -> keras.Model:
 
 ARCHITECTURES = {"minipacs": minipacs, "minipacs-bn": minipacs_bn, "predecessor": predecessor}
 
+# Where the frozen MobileNetV2 is read (its expansion layers, the richest ones): block 6 sees
+# the image at stride 8 (edges, stripes, text strokes), block 10 at stride 16 (parts, layout).
+# Both are ImageNet weights: nsfwjs fine-tuned block 11 on (training.pretrained).
+MOBILENET_TAPS = ("block_6_expand_relu", "block_10_expand_relu")
+
+
+def mobilenet_features(size: int, weights: dict[str, np.ndarray] | None) -> keras.Model:
+    """Image → 1,152 numbers: the mean and the maximum of each channel of MobileNetV2's
+    ImageNet features at ``MOBILENET_TAPS``; frozen. The grey [0, 1] input is mapped to the
+    [-1, 1] RGB the network was trained on inside the model, so ``preprocess.model_input``
+    stays the one preprocessing. ``weights``: ``training.pretrained.weights()`` (None: random,
+    to test the graph without the download).
+
+    Features learnt from a million photographs know what photographs, drawings and text look
+    like, which a network trained from scratch on a few thousand scans has to guess; the
+    from-scratch network's verdict on real scans unlike its training data moved from run to
+    run (MODEL_CARD.md)."""
+    inputs = keras.Input(shape=(size, size, 1), name="image")
+    x = layers.Rescaling(2.0, -1.0)(inputs)
+    x = layers.Concatenate()([x, x, x])
+    base = keras.applications.MobileNetV2(input_shape=(size, size, 3), include_top=False, weights=None)
+    if weights is not None:
+        for layer in base.layers:  # variables are "kernel:0" under Keras 3, "Conv1/kernel:0" under Keras 2
+            if layer.weights:
+                layer.set_weights([weights[f"{layer.name}/{v.name.split('/')[-1].split(':')[0]}"]
+                                   for v in layer.weights])
+    taps = keras.Model(base.input, [base.get_layer(name).output for name in MOBILENET_TAPS])(x)
+    pooled = [pool()(t) for t in taps for pool in (layers.GlobalAveragePooling2D, layers.GlobalMaxPooling2D)]
+    features = keras.Model(inputs, layers.Concatenate()(pooled), name="features")
+    features.trainable = False
+    return features
+
+
+def linear_head(features: np.ndarray) -> keras.Model:
+    """Features → softmax over the classes: standardised by the training features' statistics,
+    dropout, one dense layer. Linear on purpose: a hidden layer fitted the (mostly synthetic)
+    test split better and real knee MR worse (MODEL_CARD.md)."""
+    inputs = keras.Input(shape=features.shape[1:], name="features")
+    x = layers.Normalization(mean=features.mean(axis=0), variance=features.var(axis=0) + 1e-6)(inputs)
+    x = layers.Dropout(0.2)(x)
+    outputs = layers.Dense(len(CLASSES), activation="softmax", kernel_regularizer=keras.regularizers.l2(1e-4))(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def train_mobilenet(features: keras.Model, train_data, validate_data, heads: int, seed: int,
+                    **options) -> tuple[keras.Model, list[dict]]:
+    """The frozen features are computed once per image, then ``heads`` linear heads are
+    trained on them (seeds ``seed``, ``seed + 1``, ...; :func:`train` with ``options``) and
+    their softmaxes averaged: more heads cost next to nothing and steady the verdict on images
+    near the boundary. Returns the image → softmax model and the heads' histories."""
+    train_x, validate_x = (features.predict(x, batch_size=64, verbose=0) for x in (train_data[0], validate_data[0]))
+    members, histories = [], []
+    for n in range(heads):
+        keras.utils.set_random_seed(seed + n)
+        members.append(linear_head(train_x))
+        histories.append(train(members[-1], (train_x, train_data[1]), (validate_x, validate_data[1]), **options))
+    shared = features(features.inputs[0])
+    named = [keras.Model(m.inputs[0], m.outputs[0], name=f"head{n}")(shared) for n, m in enumerate(members)]
+    outputs = named[0] if heads == 1 else layers.Average()(named)
+    return keras.Model(features.inputs[0], layers.Activation("linear", name=CLASS_OUTPUT)(outputs),
+                       name="mobilenet_linear"), histories
+
 
 def ensemble(members: list[keras.Model]) -> keras.Model:
     """One model whose softmax is the mean of the members' (``--ensemble N``: the same network

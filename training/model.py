@@ -113,10 +113,14 @@ def mobilenet_features(size: int, weights: dict[str, np.ndarray] | None) -> kera
     x = layers.Concatenate()([x, x, x])
     base = keras.applications.MobileNetV2(input_shape=(size, size, 3), include_top=False, weights=None)
     if weights is not None:
-        for layer in base.layers:  # variables are "kernel:0" under Keras 3, "Conv1/kernel:0" under Keras 2
+        # TensorFlow.js lists each layer's weights in Keras' order; matched by layer, since the
+        # variables' names differ between Keras 2 and 3 (a depthwise kernel is "kernel" in 3).
+        by_layer: dict[str, list[np.ndarray]] = {}
+        for name, value in weights.items():
+            by_layer.setdefault(name.split("/")[0], []).append(value)
+        for layer in base.layers:
             if layer.weights:
-                layer.set_weights([weights[f"{layer.name}/{v.name.split('/')[-1].split(':')[0]}"]
-                                   for v in layer.weights])
+                layer.set_weights(by_layer[layer.name])
     taps = keras.Model(base.input, [base.get_layer(name).output for name in MOBILENET_TAPS])(x)
     pooled = [pool()(t) for t in taps for pool in (layers.GlobalAveragePooling2D, layers.GlobalMaxPooling2D)]
     features = keras.Model(inputs, layers.Concatenate()(pooled), name="features")

@@ -386,3 +386,25 @@ else:
 print("ok")
 """
     in_training_venv(check)
+
+
+def test_pretrained_weights_take_grey_input_in_zero_one():
+    """``for_grey``: the first convolution and batch normalisation give on a grey patch x in
+    [0, 1] exactly what the RGB network gave on 2x - 1 in each channel."""
+    check = """
+import numpy as np
+from training.pretrained import for_grey
+rng = np.random.default_rng(0)
+rgb = {"Conv1/kernel": rng.normal(size=(3, 3, 3, 32)).astype(np.float32),
+       "bn_Conv1/moving_mean": rng.normal(size=32).astype(np.float32), "other": np.ones(2)}
+grey = for_grey(rgb)
+assert grey["Conv1/kernel"].shape == (3, 3, 1, 32) and grey["other"] is rgb["other"]
+for _ in range(5):
+    x = rng.random((3, 3, 1)).astype(np.float32)
+    y = np.repeat(2 * x - 1, 3, axis=2)
+    before = np.einsum("ijc,ijck->k", y, rgb["Conv1/kernel"]) - rgb["bn_Conv1/moving_mean"]
+    after = np.einsum("ijc,ijck->k", x, grey["Conv1/kernel"]) - grey["bn_Conv1/moving_mean"]
+    assert np.allclose(before, after, atol=1e-4), np.abs(before - after).max()
+print("ok")
+"""
+    in_training_venv(check)

@@ -20,6 +20,7 @@ from keras import layers
 from tqdm.keras import TqdmCallback
 
 from minipacs.reasons import CLASSES
+from training import pretrained
 
 OUTPUT, CLASS_OUTPUT = "p_valid", "p_class"
 
@@ -99,20 +100,18 @@ MOBILENET_TAPS = ("block_6_expand_relu", "block_10_expand_relu")
 
 def mobilenet_features(size: int, weights: dict[str, np.ndarray] | None) -> keras.Model:
     """Image → 1,152 numbers: the mean and the maximum of each channel of MobileNetV2's
-    ImageNet features at ``MOBILENET_TAPS``; frozen. The grey [0, 1] input is mapped to the
-    [-1, 1] RGB the network was trained on inside the model, so ``preprocess.model_input``
-    stays the one preprocessing. ``weights``: ``training.pretrained.weights()`` (None: random,
-    to test the graph without the download).
+    ImageNet features at ``MOBILENET_TAPS``; frozen. Its first layer takes the grey [0, 1]
+    input (``pretrained.for_grey``), so ``preprocess.model_input`` stays the one preprocessing.
+    ``weights``: ``training.pretrained.weights()`` (None: random, to test the graph without the
+    download).
 
     Features learnt from a million photographs know what photographs, drawings and text look
     like, which a network trained from scratch on a few thousand scans has to guess; the
     from-scratch network's verdict on real scans unlike its training data moved from run to
     run (MODEL_CARD.md)."""
-    inputs = keras.Input(shape=(size, size, 1), name="image")
-    x = layers.Rescaling(2.0, -1.0)(inputs)
-    x = layers.Concatenate()([x, x, x])
-    base = keras.applications.MobileNetV2(input_shape=(size, size, 3), include_top=False, weights=None)
+    base = keras.applications.MobileNetV2(input_shape=(size, size, 1), include_top=False, weights=None)
     if weights is not None:
+        weights = pretrained.for_grey(weights)
         # TensorFlow.js lists each layer's weights in Keras' order; matched by layer, since the
         # variables' names differ between Keras 2 and 3 (a depthwise kernel is "kernel" in 3).
         by_layer: dict[str, list[np.ndarray]] = {}
@@ -121,7 +120,8 @@ def mobilenet_features(size: int, weights: dict[str, np.ndarray] | None) -> kera
         for layer in base.layers:
             if layer.weights:
                 layer.set_weights(by_layer[layer.name])
-    taps = keras.Model(base.input, [base.get_layer(name).output for name in MOBILENET_TAPS])(x)
+    inputs = keras.Input(shape=(size, size, 1), name="image")
+    taps = keras.Model(base.input, [base.get_layer(name).output for name in MOBILENET_TAPS])(inputs)
     pooled = [pool()(t) for t in taps for pool in (layers.GlobalAveragePooling2D, layers.GlobalMaxPooling2D)]
     features = keras.Model(inputs, layers.Concatenate()(pooled), name="features")
     features.trainable = False

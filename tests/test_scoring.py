@@ -1,14 +1,17 @@
 """The ONNX scorer, the model slot, scoring during ingest and the background rescore."""
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from PIL import Image, ImageDraw
 
 from corpus import find
 from minipacs import index as idx
-from minipacs import reasons
+from minipacs import reasons, render
 from minipacs.ingest import Settings, ingest, ingest_many
 from minipacs.preprocess import model_input
 from minipacs.rescore import Busy, Rescorer
@@ -84,6 +87,25 @@ def test_images_that_show_something_are_left_to_the_model(tmp_path, pixels):
     """Five grey levels are an image; a colour image has no window to clip."""
     assert reasons.by_construction(pixels) is None
     assert not Scorer(brightness_model(tmp_path / "lenient.onnx", threshold=0.0)).score(pixels).flagged
+
+
+def test_colour_pictures_are_flagged_whatever_the_model_says(tmp_path):
+    """CT, MR, CR and DX are grey: pydicom's palette photograph of a face and its colour
+    ultrasound (the network, which sees grey, flags that too) are pictures; a grey render stored
+    as RGB, with a JPEG's chroma noise or a coloured outline drawn on it, is not."""
+    lenient = Scorer(brightness_model(tmp_path / "lenient.onnx", threshold=0.0))  # never flags
+    for name in ("OT-PAL-8-face.dcm", "examples_palette.dcm"):
+        pixels = render.render(pydicom.dcmread(find(name), force=True)).pixels
+        assert reasons.colour(pixels) and reasons.checks(pixels) == "picture"
+        score = lenient.score(pixels)
+        assert (score.flagged, score.anomaly_score, score.reason) == (True, 1.0, "picture")
+    ct = render.render(pydicom.dcmread(find("693_UNCI.dcm"))).pixels
+    rgb = Image.fromarray(ct).convert("RGB")
+    ImageDraw.Draw(rgb).ellipse((150, 150, 350, 300), outline=(255, 0, 0), width=3)
+    buffer = io.BytesIO()
+    rgb.save(buffer, "JPEG", quality=75)
+    for pixels in (np.asarray(rgb), np.asarray(Image.open(buffer))):
+        assert not reasons.colour(pixels) and not lenient.score(pixels).flagged
 
 
 SLOPES = {"picture": -10.0, "overlay": 10.0}  # dark images look like pictures, bright ones overlays

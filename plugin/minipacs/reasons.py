@@ -39,8 +39,8 @@ BLANK_LEVELS = 4
 #: A window that leaves no more than 0.3 % of the pixels between black and white clips the
 #: image away; a bone or lung window keeps far more than that unclipped.
 CLIPPED_SHARE = 0.997
-#: CT, MR, CR and DX images are grey: their IODs allow only MONOCHROME1 and MONOCHROME2 (PS3.3
-#: C.8.2.1.1.1, C.8.3.1.1.1, C.8.1.2.1.1, C.8.11.3.1.1). A render of which at least COLOUR_SHARE
+#: CT, MR, CR and DX images are grey: their image modules allow only MONOCHROME1 and MONOCHROME2
+#: (PS3.3 C.8.2.1, C.8.3.1, C.8.1.2, C.8.11.3). A render of which at least COLOUR_SHARE
 #: of the pixels have channels CHROMA grey levels apart or more is a picture (a photograph,
 #: artwork, a chart) or a colour map, not one of them; JPEG's chroma noise on a grey image and a
 #: coloured marker or outline stay below both.

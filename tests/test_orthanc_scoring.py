@@ -1,10 +1,13 @@
 """Scoring inside a real Orthanc: scores in the index and in Orthanc, live model swap, rescore."""
 
+import io
 import time
 from contextlib import contextmanager
 
+import pydicom
 import pytest
 
+from corpus import find
 from minipacs import reasons, synth
 from onnx_models import brightness_model, reason_model
 from orthanc_server import OrthancServer
@@ -73,6 +76,36 @@ def test_anomalies_route_lists_exactly_the_flagged_images(scored):
     assert scored.json(f"/minipacs/images/{first['SOPInstanceUID']}/score")["Flagged"] is True
     summary = scored.json(f"/minipacs/studies/{first['StudyInstanceUID']}/summary")
     assert summary["flagged"] >= 1 and summary["max_score"] == pytest.approx(first["AnomalyScore"])
+
+
+def test_colour_pictures_and_wrong_row_lengths_are_flagged_with_their_reason(tmp_path):
+    """Real files through a real Orthanc: pydicom's palette photograph, and a real CT whose
+    Columns says twice the true row length, are flagged by the checks (score 1, their reason)
+    while the model (never flagging) passes the same CT stored as it is."""
+    lenient = brightness_model(tmp_path / "lenient.onnx", size=16, threshold=0.0, version="lenient")
+    server = OrthancServer(tmp_path / "orthanc")
+    server.config["MiniPacs"]["ModelPath"] = str(lenient)
+    ct = pydicom.dcmread(find("693_UNCI.dcm"))
+    wide = pydicom.dcmread(find("693_UNCI.dcm"))
+    wide.Columns, wide.Rows = ct.Columns * 2, ct.Rows // 2
+    wide.SOPInstanceUID = pydicom.uid.generate_uid()
+    files = {"picture": find("OT-PAL-8-face.dcm").read_bytes(), "broken_render:row_stride": synth.encode(wide),
+             None: find("693_UNCI.dcm").read_bytes()}
+    server.start()
+    try:
+        for data in files.values():
+            assert server.upload(data).status_code == 200
+        server.wait_for_ingest()
+        for reason, data in files.items():
+            uid = pydicom.dcmread(io.BytesIO(data), force=True).SOPInstanceUID
+            score = server.json(f"/minipacs/images/{uid}/score")
+            assert (score["Flagged"], score["AnomalyReason"]) == (reason is not None, reason), score
+            if reason:
+                assert score["AnomalyScore"] == 1.0
+                listed = server.get("/minipacs/anomalies", params={"reason": reason}).json()["items"]
+                assert [i["SOPInstanceUID"] for i in listed] == [uid]
+    finally:
+        server.stop()
 
 
 def rescore(server, model) -> dict:

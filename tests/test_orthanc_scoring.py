@@ -11,6 +11,7 @@ from corpus import find
 from minipacs import reasons, synth
 from onnx_models import brightness_model, reason_model
 from orthanc_server import OrthancServer
+from test_stride import stored_with_row_length
 
 FLAG_LABEL = "minipacs-flagged"  # what users filter on in Orthanc Explorer 2 and /tools/find
 
@@ -85,9 +86,7 @@ def test_colour_pictures_and_wrong_row_lengths_are_flagged_with_their_reason(tmp
     lenient = brightness_model(tmp_path / "lenient.onnx", size=16, threshold=0.0, version="lenient")
     server = OrthancServer(tmp_path / "orthanc")
     server.config["MiniPacs"]["ModelPath"] = str(lenient)
-    ct = pydicom.dcmread(find("693_UNCI.dcm"))
-    wide = pydicom.dcmread(find("693_UNCI.dcm"))
-    wide.Columns, wide.Rows = ct.Columns * 2, ct.Rows // 2
+    wide = stored_with_row_length("693_UNCI.dcm", 2)
     wide.SOPInstanceUID = pydicom.uid.generate_uid()
     files = {"picture": find("OT-PAL-8-face.dcm").read_bytes(), "broken_render:row_stride": synth.encode(wide),
              None: find("693_UNCI.dcm").read_bytes()}

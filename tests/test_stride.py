@@ -18,11 +18,16 @@ from onnx_models import brightness_model
 HOSTS = ("693_UNCI.dcm", "MR_small.dcm", "MR2_UNCI.dcm", "RG1_UNCI.dcm")
 
 
-def with_row_length(name: str, factor: float) -> np.ndarray:
-    """The file's stored values rendered as rows of ``factor`` times their true length."""
+def stored_with_row_length(name: str, factor: float) -> pydicom.Dataset:
+    """The file with Columns ``factor`` times its true row length (Rows the other way)."""
     ds = pydicom.dcmread(find(name))
     ds.Columns, ds.Rows = int(ds.Columns * factor), int(ds.Rows / factor)
-    return render.render(ds).pixels
+    return ds
+
+
+def with_row_length(name: str, factor: float) -> np.ndarray:
+    """The file's stored values rendered as rows of ``factor`` times their true length."""
+    return render.render(stored_with_row_length(name, factor)).pixels
 
 
 @pytest.mark.parametrize("name", HOSTS)

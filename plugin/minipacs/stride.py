@@ -57,8 +57,8 @@ def side_by_side(grey: np.ndarray) -> bool:
         return False
     ys = _sample(h - 1)
     columns = np.arange(0, w // 2, _step(w // 2))
-    left, right = grey[ys][:, columns], grey[ys][:, columns + w // 2]
-    left_next = grey[ys + 1][:, columns]
+    left, right = grey[np.ix_(ys, columns)], grey[np.ix_(ys, columns + w // 2)]
+    left_next = grey[np.ix_(ys + 1, columns)]
     across = (_mean_step(left, right) + _mean_step(right, left_next)) / 2
     down = _mean_step(left, left_next)
     return down >= FLAT and across < TWIN * down

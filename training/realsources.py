@@ -507,6 +507,11 @@ def mr_window(values: np.ndarray, rng) -> tuple[float, float] | None:
     return ((lo + hi) / 2.0, max(hi - lo, 1.0))
 
 
+def window_label(window: tuple[float, float] | None) -> str:
+    """How :func:`mr_window`'s choice reads in a manifest source string."""
+    return "minmax" if window is None else f"p{window[0]:.0f}/{window[1]:.0f}"
+
+
 def ct_window(region: str, rng) -> tuple[tuple[float, float], str]:
     """One of the region's preset windows, or (a quarter of the time) a wide vendor window."""
     if rng.random() < 0.25:
@@ -560,7 +565,7 @@ def volume_images(src: Source, member: str, volume: Volume, group: str, rng,
                 window, label = ct_window(src.region, rng)
             else:
                 window = mr_window(values, rng)
-                label = "minmax" if window is None else f"p{window[0]:.0f}/{window[1]:.0f}"
+                label = window_label(window)
             ds = wrap(values, modality, window, rng, f"{view} {label}")
             yield RealImage(group, f"{src.registry}:{src.package}@{src.version}/{member} "
                                    f"{view}[{index}] {label} {values.shape[1]}x{values.shape[0]}{fov}",
@@ -610,7 +615,7 @@ def mosaic_image(src: Source, member: str, volume: Volume, group: str, rng) -> R
         y, x = (n // k) * tile, (n % k) * tile
         values[y:y + plane.shape[0], x:x + plane.shape[1]] = plane
     window = mr_window(values, rng)
-    label = "minmax" if window is None else f"p{window[0]:.0f}/{window[1]:.0f}"
+    label = window_label(window)
     ds = wrap(values, src.modality, window, rng, f"mosaic {label}")
     return RealImage(group, f"{src.registry}:{src.package}@{src.version}/{member} mosaic {k}x{k} "
                             f"z{first}+{count} tile{tile} {label}", src.modality, "mosaic", rendered(ds))
@@ -668,13 +673,13 @@ def radiograph_dataset(stored: np.ndarray, rng, monochrome1: bool, description: 
     return image_dataset(stored, 12, modality, (centre, width), 1.0, 0.0, photometric, description)
 
 
-def picture_images(src: Source, path: Path, member: str, rng, per_file: int) -> Iterator[RealImage]:
+def picture_images(src: Source, path: Path, member: str, group: str, rng,
+                   per_file: int) -> Iterator[RealImage]:
     """A real radiograph or slice kept as a grey PNG (8 or 16 bits), wrapped as ``src.modality``
     ``per_file`` times: on several matrices, radiographs in several windows, half of them
     MONOCHROME1, as CR or DX; a slice (already windowed) with min-max or percentile windows."""
     with Image.open(path) as image:
         values = np.asarray(image if image.mode in ("I", "I;16", "L") else image.convert("L"), np.float64)
-    group = src.group or f"{src.registry}:{src.package}:{src.name}:{path.name}"
     sizes = [s for s in MATRIX_SIZES if 192 <= s <= max(values.shape)] or [max(values.shape)]
     for n in range(per_file):
         size = int(rng.choice(sizes))
@@ -685,7 +690,7 @@ def picture_images(src: Source, path: Path, member: str, rng, per_file: int) -> 
         else:
             window = mr_window(resized, rng)
             ds = wrap(resized, src.modality, window, rng, "slice", hounsfield=False)
-            label = "minmax" if window is None else f"p{window[0]:.0f}/{window[1]:.0f}"
+            label = window_label(window)
         yield RealImage(group, f"{src.registry}:{src.package}@{src.version}/{member} {label} "
                                f"{resized.shape[1]}x{resized.shape[0]}", str(ds.Modality), "picture", rendered(ds))
 
@@ -729,12 +734,12 @@ def images(src: Source, folder: Path, rng, per_volume: int = 40, per_file: int =
         if src.kind == "dicom":
             yield from dicom_images(src, path, member, rng, per_file, seen)
             continue
+        group = src.group or f"{src.registry}:{src.package}:{src.name}:{path.name}"
         if src.kind == "picture":
-            yield from picture_images(src, path, member, rng, per_file)
+            yield from picture_images(src, path, member, group, rng, per_file)
             continue
         volumes = read_volumes(path)
         for t, volume in enumerate(volumes):
-            group = src.group or f"{src.registry}:{src.package}:{src.name}:{path.name}"
             yield from volume_images(src, member if len(volumes) == 1 else f"{member}#{t}", volume,
                                      group, rng, max(1, per_volume // len(volumes)))
 

@@ -24,6 +24,12 @@ def brightness_model(path: Path, size: int = 16, threshold: float = 0.5, version
              helper.make_node("Concat", ["scaled"] * copies, ["p_valid"], axis=1)]
     graph = helper.make_graph(nodes, "brightness", [image], [p_valid],
                               initializer=[numpy_helper.from_array(np.float32(scale), "scale")])
+    return save(graph, path, size, threshold, version, preprocessing, metadata)
+
+
+def save(graph, path: Path, size: int, threshold: float, version: str,
+         preprocessing: str = preprocess.PREPROCESSING, metadata: dict | None = None) -> Path:
+    """``graph`` as a model file with the metadata the plugin reads (``metadata`` added)."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.helper.set_model_props(model, {
@@ -62,16 +68,19 @@ def reason_model(path: Path, slopes: dict[str, float], intercepts: dict[str, flo
         "reasons", [image], [p_valid, p_class],
         initializer=[numpy_helper.from_array(row(slopes), "slopes"),
                      numpy_helper.from_array(row(intercepts), "intercepts")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.helper.set_model_props(model, {
-        preprocess.METADATA_PREPROCESSING: preprocess.PREPROCESSING,
-        preprocess.METADATA_INPUT_SIZE: str(size),
-        preprocess.METADATA_THRESHOLD: str(threshold),
-        preprocess.METADATA_VERSION: version,
-        preprocess.METADATA_POSITIVE: "valid",
-        reasons.METADATA_CLASSES: ",".join(classes),
-    })
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
+    return save(graph, path, size, threshold, version, metadata={reasons.METADATA_CLASSES: ",".join(classes)})
+
+
+def window_model(path: Path, size: int = 16, threshold: float = 0.3, window_threshold: float = 0.9,
+                 version: str = "test-window") -> Path:
+    """The brightness model with a third output, as training exports a window head:
+    ``p_window`` = the brightest pixel of the preprocessed image, so a crop around a white
+    panel reaches the window threshold and one around a grey panel does not."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", size, size, 1])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", 1]) for name in ("p_valid", "p_window")]
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+         helper.make_node("ReduceMean", ["flat"], ["p_valid"], axes=[1], keepdims=1),
+         helper.make_node("ReduceMax", ["flat"], ["p_window"], axes=[1], keepdims=1)],
+        "window", [image], outputs)
+    return save(graph, path, size, threshold, version, metadata={"minipacs.window_threshold": str(window_threshold)})

@@ -11,13 +11,13 @@ from PIL import Image, ImageDraw
 
 from corpus import find
 from minipacs import index as idx
-from minipacs import reasons, render
+from minipacs import reasons, render, windows
 from minipacs.ingest import Settings, ingest, ingest_many
 from minipacs.preprocess import model_input
 from minipacs.rescore import Busy, Rescorer
 from minipacs.routes import Router
 from minipacs.scoring import ModelError, ModelSlot, Scorer
-from onnx_models import brightness_model, reason_model
+from onnx_models import brightness_model, reason_model, window_model
 from test_ingest_and_index import OfflineLookup, instance_id_of
 
 
@@ -155,6 +155,41 @@ def test_a_model_naming_classes_without_a_p_class_output_is_refused(tmp_path):
     slot = ModelSlot(named)
     slot.try_load()
     assert not slot.describe()["Loaded"] and "p_class" in slot.describe()["Error"]
+
+
+def panel(fill: int) -> np.ndarray:
+    """A smooth grey ramp (no edges of its own) with a black or white panel drawn in: the edge
+    of a clipped region to ``windows.window_box`` (a shutter, air), a candidate box all the same."""
+    pixels = gradient(90, 170, (200, 200))
+    pixels[80:121, 60:141] = fill
+    return pixels
+
+
+def test_a_candidate_window_is_judged_on_a_crop_around_it(tmp_path):
+    """A model with a window head looks again at what it would pass: the crop around each
+    candidate box. p_window here is the brightest pixel, so the white panel's crop is a
+    window and the black panel's is not; the ramp has no candidate at all."""
+    scorer = Scorer(window_model(tmp_path / "window.onnx", window_threshold=0.9))
+    white, black, ramp = panel(255), panel(0), gradient(90, 170, (200, 200))
+    for pixels in (white, black):
+        assert windows.window_box(pixels) is None and windows.candidates(pixels)
+    assert windows.candidates(ramp) == []
+    seen = scorer.window_seen([white, black, ramp])
+    assert seen[0] >= 0.9 > seen[1] > 0 and seen[2] == 0
+    flagged, passed, plain = scorer.scores([white, black, ramp])
+    assert flagged.flagged and flagged.reason == "overlay" and flagged.anomaly_score == 1.0
+    assert not passed.flagged and not plain.flagged
+    assert scorer.info.window_threshold == 0.9 and scorer.info.as_json()["WindowThreshold"] == 0.9
+    # The same images under a model without the head: only the network and the checks.
+    plain_model = Scorer(brightness_model(tmp_path / "plain.onnx", threshold=0.3))
+    assert plain_model.info.window_threshold is None and not plain_model.score(white).flagged
+    assert plain_model.window_seen([white]) == [0.0]
+
+
+def test_a_window_head_of_the_wrong_shape_is_refused(tmp_path):
+    bad = brightness_model(tmp_path / "bad.onnx", metadata={"minipacs.window_threshold": "2"})
+    with pytest.raises(ModelError, match=r"window threshold 2\.0, outside \[0, 1\]"):
+        Scorer(bad)
 
 
 def test_a_model_for_another_preprocessing_is_refused(tmp_path):

@@ -144,6 +144,7 @@ def test_report(run):
     assert demo["images"] > 100 and len(demo["anomalies"]) >= 2 and demo["flagged"] <= len(demo["anomalies"])
     history = json.loads((run / "history.json").read_text())
     assert len(history["members"]) == 2 and history["epochs_run"] == 2  # --ensemble 2: two heads, one epoch each
+    assert history["window"]["val_loss"]  # and the window head, stopped on the validation crops' loss
     assert history["options"]["architecture"] == "mobilenet"  # the default, its weights fetched from npm:
     assert (run.parent / "cache" / "sources" / "npm" / "nsfwjs-4.3.0" / ".complete").is_file()
     assert list((run / "logs").glob("all-*.log"))
@@ -166,11 +167,13 @@ def test_onnx_model_is_what_the_plugin_loads(run):
     assert meta[preprocess.METADATA_THRESHOLD] == "0.4" and meta[preprocess.METADATA_POSITIVE] == "valid"
     assert meta[preprocess.METADATA_VERSION].startswith("minipacs-anomaly-")
     assert [i.name for i in session.get_inputs()] == ["image"]
-    assert [o.name for o in session.get_outputs()] == ["p_valid", "p_class"]
+    # The window head, trained on the crops the tiny dataset's candidate boxes give, is a third output.
+    assert [o.name for o in session.get_outputs()] == ["p_valid", "p_class", "p_window"]
+    assert (run / "window.keras").is_file() and meta["minipacs.window_threshold"] == "0.5"
     assert meta[reasons.METADATA_CLASSES] == ",".join(reasons.CLASSES)
     images = [render.render(ds).pixels for ds in synth.generate(1, seed=3, size=64, slices=2)][:3]
-    p, p_class = session.run(["p_valid", "p_class"], {"image": preprocess.batch(images)})
-    assert p.shape == (3, 1) and ((0 <= p) & (p <= 1)).all()
+    p, p_class, p_window = session.run(["p_valid", "p_class", "p_window"], {"image": preprocess.batch(images)})
+    assert p.shape == p_window.shape == (3, 1) and ((0 <= p) & (p <= 1) & (0 <= p_window) & (p_window <= 1)).all()
     assert p_class.shape == (3, len(reasons.CLASSES)) and np.allclose(p_class.sum(axis=1), 1, atol=1e-5)
     assert np.allclose(p[:, 0], p_class[:, 0], atol=1e-6)
     assert np.allclose(session.run(["p_valid"], {"image": preprocess.batch(images[:1])})[0], p[:1], atol=1e-6)
@@ -404,3 +407,49 @@ for _ in range(5):
 print("ok")
 """
     in_training_venv(check)
+
+
+WINDOW_EXAMPLES = '''
+import json, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from minipacs import windows
+from training import windowhead
+
+data = Path(sys.argv[1])
+ramp = np.tile(np.linspace(60, 140, 300).round().astype(np.uint8)[:, None], (1, 300))
+
+
+def panel(pixels, box, fill):
+    """A black or white panel: a candidate box, not a window_box find (a clipped region's edge)."""
+    x, y, w, h = box
+    out = pixels.copy()
+    out[y:y + h, x:x + w] = fill
+    return out
+
+
+burned, beside = [40, 40, 120, 50], [170, 200, 100, 40]
+composite = panel(panel(ramp, burned, 255), beside, 0)
+scan = panel(ramp, [60, 150, 100, 40], 255)
+rows = [{"file": "d.png", "kind": "dialog", "class": "invalid", "params": json.dumps({"box": burned})},
+        {"file": "v.png", "kind": "original", "class": "valid", "params": "{}"},
+        {"file": "p.png", "kind": "photos", "class": "invalid", "params": "{}"}]
+for row, pixels in zip(rows, (composite, scan, composite)):
+    Image.fromarray(pixels).save(data / row["file"])
+assert len(windows.candidates(composite)) == 2 and windows.window_box(composite) is None
+crops, labels = windowhead.examples(data, rows, np.random.default_rng(1))
+# The composite's two boxes (the burned-in one a window, the other not), the scan's box (not a
+# window), perhaps a random crop of the scan (not); nothing of the photo, which is no window kind.
+assert 3 <= len(crops) == len(labels) <= 4 and labels.tolist()[:3] == [1.0, 0.0, 0.0], labels
+window = crops[0]
+assert window.shape[0] == window.shape[1] == int(120 * windows.CROP_MARGIN) and (window == 255).any()
+assert windowhead.over((40, 40, 159, 89), burned) and not windowhead.over((170, 200, 269, 239), burned)
+print("ok")
+'''
+
+
+def test_the_window_head_learns_from_the_boxes_found_on_its_splits(tmp_path):
+    """``windowhead.examples``: a candidate box over the composite's burned-in dialog is a
+    window, one beside it and one on a valid scan are not, crops as the plugin makes them."""
+    in_training_venv(WINDOW_EXAMPLES, str(tmp_path))

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from minipacs import reasons, render, windows
+from minipacs.config import DEFAULT_MODEL
 from minipacs.scoring import Scorer
 from tests.corpus import find, scan_frames
 from tests.test_realinvalid import capture
@@ -114,3 +115,39 @@ def test_the_scorer_flags_a_small_window_as_an_overlay_whatever_the_model_says(t
     assert (score.flagged, score.anomaly_score, score.reason) == (True, 1.0, "overlay")
     assert reasons.checks(image) == "overlay" and reasons.by_construction(image) is None
     assert not lenient.score(rendered("RG1_UNCI.dcm")).flagged
+
+
+def dark_dialog(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """A dark theme's message box: a black frame (to ``window_box`` the edge of a clipped
+    region), a dark panel and title bar, light text, a button."""
+    out = Image.fromarray(image)
+    draw = ImageDraw.Draw(out)
+    x0, y0, x1, y1 = box
+    draw.rectangle(box, fill=48, outline=0)
+    draw.rectangle((x0, y0, x1, y0 + max(3, (y1 - y0) // 6)), fill=30)
+    draw.text((x0 + 4, y0 + (y1 - y0) // 3), "Error: series not found", fill=230)
+    draw.rectangle((x1 - (x1 - x0) // 4, y1 - (y1 - y0) // 4, x1 - 4, y1 - 4), outline=200)
+    return np.asarray(out)
+
+
+def test_the_shipped_window_head_flags_a_faint_dialog_the_check_and_the_network_miss():
+    """A dark dialog a tenth of a real CT's width: the window check passes it (black frame), the
+    network passes it (13 pixels wide at 128), the window head flags it on the crop."""
+    scorer = Scorer(DEFAULT_MODEL)
+    scan = rendered("eCT_Supplemental.dcm")
+    h, w = scan.shape
+    assert scorer.info.window_threshold is not None and not scorer.score(scan).flagged
+    for x, y in ((0.1, 0.1), (0.3, 0.35), (0.5, 0.6)):
+        left, top = int(x * w), int(y * h)
+        image = dark_dialog(scan, (left, top, left + w // 10, top + w // 25))
+        assert reasons.checks(image) is None and scorer.predict([image])[0][0] >= scorer.info.threshold
+        score = scorer.score(image)
+        assert (score.flagged, score.reason, score.anomaly_score) == (True, "overlay", 1.0), (x, y)
+
+
+def test_the_shipped_window_head_takes_no_scan_of_the_real_corpus_for_a_window():
+    scorer = Scorer(DEFAULT_MODEL)
+    frames = list(scan_frames())
+    seen = scorer.window_seen([pixels for _, _, pixels in frames])
+    taken = [f"{name}[{frame}]" for (name, frame, _), p in zip(frames, seen) if p >= scorer.info.window_threshold]
+    assert len(frames) > 60 and taken == []

@@ -221,12 +221,13 @@ def run_train(args, data: Path, run: Path) -> None:
     validate_data = load_split(data, "validate", args.size)[:2]
     options = dict(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
                    learning_rate=args.learning_rate)
-    started, members, histories = time.perf_counter(), [], []
+    started, members, histories, window = time.perf_counter(), [], [], None
     if args.architecture == "mobilenet":
         features = mobilenet_features(args.size, pretrained.weights(args.cache / "sources"))
         model, histories = train_mobilenet(features, train_data, validate_data, max(1, args.ensemble), args.seed,
                                            **options)
         model.summary(print_fn=log.info)
+        window, window_history = train_window(features, data, args.seed)
     else:
         for n in range(max(1, args.ensemble)):
             keras.utils.set_random_seed(args.seed + n)
@@ -239,11 +240,51 @@ def run_train(args, data: Path, run: Path) -> None:
     seconds = time.perf_counter() - started
     run.mkdir(parents=True, exist_ok=True)
     model.save(run / "model.keras")
+    (run / "window.keras").unlink(missing_ok=True)
+    if window is not None:
+        window.save(run / "window.keras")
     epochs = [len(h["loss"]) for h in histories]
     (run / "history.json").write_text(json.dumps({"history": histories[0], "members": histories, "seconds": seconds,
+                                                  **({"window": window_history} if window is not None else {}),
                                                   "epochs_run": sum(epochs),
                                                   "options": {k: str(v) for k, v in vars(args).items()}}, indent=2))
     log.info("trained %s epochs in %.0f s; model in %s", "+".join(map(str, epochs)), seconds, run / "model.keras")
+
+
+def train_window(features, data: Path, seed: int):
+    """The window head (:mod:`training.windowhead`) on crops of the train split, stopped on the
+    validation split's."""
+    import numpy as np
+
+    from training import windowhead
+    from training.dataset import read_manifest
+
+    rng, rows = np.random.default_rng(seed), read_manifest(data)
+    examples = {split: windowhead.examples(data, [r for r in rows if r["split"] == split], rng)
+                for split in ("train", "validate")}
+    if len(set(examples["train"][1])) < 2 or not len(examples["validate"][1]):
+        log.warning("no window head: %s crops (windows among them) are not enough to learn from",
+                    {split: f"{len(y)} ({int(y.sum())})" for split, (_, y) in examples.items()})
+        return None, None
+    window, history = windowhead.train(features, examples["train"], examples["validate"], seed)
+    log.info("window head: %s crops (windows among them), validation accuracy %.3f",
+             {split: f"{len(y)} ({int(y.sum())})" for split, (_, y) in examples.items()},
+             history["val_accuracy"][int(np.argmin(history["val_loss"]))])
+    return window, history
+
+
+def with_windows(p_class, seen, threshold: float):
+    """The softmax as the plugin acts on it after its closer look: an image the network passes
+    (P(valid) ≥ ``threshold``) whose crop reaches the window threshold (``seen``,
+    :func:`windowhead.seen`) gets all its probability on ``overlay``."""
+    from minipacs import reasons
+    from training import windowhead
+
+    p_class = p_class.copy()
+    hit = (seen >= windowhead.THRESHOLD) & (p_class[:, 0] >= threshold)
+    p_class[hit] = 0.0
+    p_class[hit, reasons.CLASSES.index(reasons.OVERLAY)] = 1.0
+    return p_class
 
 
 def run_evaluate(args, data: Path, run: Path) -> dict:
@@ -257,16 +298,27 @@ def run_evaluate(args, data: Path, run: Path) -> dict:
     from training.dataset import load_split
     from training.evaluate import calibrate, write_report
 
+    from training import windowhead
+
     model = keras.models.load_model(run / "model.keras")  # the reloaded model is what we evaluate
     size = int(model.input_shape[1])
+    window = keras.models.load_model(run / "window.keras") if (run / "window.keras").exists() else None
+
+    def predicted(x, rows, threshold):
+        p_class = with_proven(rows, model.predict(x, batch_size=128, verbose=0))
+        if window is None:
+            return p_class
+        return with_windows(p_class, windowhead.seen(model.get_layer("features"), window, data, rows), threshold)
+
     threshold = args.threshold
     if threshold is None:
         x, classes, rows = load_split(data, "validate", size)
-        p_valid = with_proven(rows, model.predict(x, batch_size=128, verbose=0))[:, 0]
+        # Every crop that reaches the window threshold flags its image, whatever the threshold.
+        p_valid = predicted(x, rows, 0.0)[:, 0]
         threshold = calibrate((classes == 0).astype(np.float32), p_valid)
         log.info("threshold calibrated on the validation split: %s", threshold)
     x, classes, rows = load_split(data, "test", size)
-    p_class = with_proven(rows, model.predict(x, batch_size=128, verbose=0))
+    p_class = predicted(x, rows, threshold)
     history_file = run / "history.json"
     history = json.loads(history_file.read_text())["history"] if history_file.exists() else None
     reviewed = compare_on_reviews(model, data, size, threshold)
@@ -335,9 +387,10 @@ def run_export(args, data: Path, run: Path) -> None:
     model = keras.models.load_model(run / "model.keras")
     path = args.onnx or run / "minipacs-anomaly.onnx"
     threshold = chosen_threshold(args, run)
-    to_onnx(model, path, threshold, args.version)
+    window = keras.models.load_model(run / "window.keras") if (run / "window.keras").exists() else None
+    to_onnx(model, path, threshold, args.version, window)
     x, _, _ = load_split(data, "test", int(model.input_shape[1]))
-    diff = max_difference(model, path, x)
+    diff = max_difference(model, path, x, window)
     check = {"onnx": str(path), "bytes": path.stat().st_size, "images": len(x), "threshold": threshold,
              "max_abs_diff": diff, "agree": diff <= 1e-5,
              "latency_ms_batch_of_one": latency_ms(path, int(model.input_shape[1]))}

@@ -1,6 +1,7 @@
 """Keras → ONNX with tf2onnx, in the contract the plugin loads: input "image" (N, size, size, 1)
-float32 with a dynamic batch, outputs "p_valid" (N, 1) and "p_class" (N, classes), and metadata
-naming the preprocessing, input size, threshold, version, positive class and classes."""
+float32 with a dynamic batch, outputs "p_valid" (N, 1), "p_class" (N, classes) and, with a
+window head, "p_window" (N, 1), and metadata naming the preprocessing, input size, thresholds,
+version, positive class and classes."""
 
 import time
 from pathlib import Path
@@ -11,17 +12,22 @@ import onnxruntime
 import tensorflow as tf
 import tf2onnx
 
-from minipacs import preprocess, reasons
-from training.model import with_p_valid
+from minipacs import preprocess, reasons, scoring
+from training import windowhead
+from training.model import WINDOW_OUTPUT, with_p_valid, with_window
 
 OPSET = 13
 
 
-def to_onnx(model, path: Path, threshold: float, version: str) -> onnx.ModelProto:
+def to_onnx(model, path: Path, threshold: float, version: str, window=None) -> onnx.ModelProto:
+    """``window``: the window head (:mod:`training.windowhead`), read off the model's own
+    frozen features, so both heads share one pass."""
     size = int(model.input_shape[1])
     signature = (tf.TensorSpec((None, size, size, 1), tf.float32, name="image"),)
-    proto, _ = tf2onnx.convert.from_keras(with_p_valid(model), input_signature=signature, opset=OPSET)
-    if [o.name for o in proto.graph.output] != ["p_valid", "p_class"]:
+    exported = with_p_valid(model if window is None else with_window(model, window))
+    names = ["p_valid", "p_class"] + ([WINDOW_OUTPUT] if window is not None else [])
+    proto, _ = tf2onnx.convert.from_keras(exported, input_signature=signature, opset=OPSET)
+    if [o.name for o in proto.graph.output] != names:
         raise RuntimeError(f"unexpected ONNX outputs {[o.name for o in proto.graph.output]}")
     metadata = {preprocess.METADATA_PREPROCESSING: preprocess.PREPROCESSING,
                 preprocess.METADATA_INPUT_SIZE: str(size),
@@ -29,6 +35,8 @@ def to_onnx(model, path: Path, threshold: float, version: str) -> onnx.ModelProt
                 preprocess.METADATA_VERSION: version,
                 preprocess.METADATA_POSITIVE: "valid",
                 reasons.METADATA_CLASSES: ",".join(reasons.CLASSES)}
+    if window is not None:
+        metadata[scoring.METADATA_WINDOW_THRESHOLD] = str(windowhead.THRESHOLD)
     onnx.helper.set_model_props(proto, metadata)
     proto.producer_name = "minipacs-training"
     onnx.checker.check_model(proto)
@@ -37,14 +45,18 @@ def to_onnx(model, path: Path, threshold: float, version: str) -> onnx.ModelProt
     return proto
 
 
-def max_difference(model, path: Path, x: np.ndarray, batch_size: int = 64) -> float:
-    """Largest |Keras − ONNX Runtime| over the images ``x``."""
+def max_difference(model, path: Path, x: np.ndarray, window=None, batch_size: int = 64) -> float:
+    """Largest |Keras − ONNX Runtime| over the images ``x``, of p_class and (with ``window``) p_window."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = ["p_class"] + ([WINDOW_OUTPUT] if window is not None else [])
     worst = 0.0
     for start in range(0, len(x), batch_size):
         chunk = x[start:start + batch_size]
-        ours = session.run(["p_class"], {"image": chunk})[0]
-        worst = max(worst, float(np.abs(ours - model(chunk, training=False).numpy()).max()))
+        theirs = [model(chunk, training=False).numpy()]
+        if window is not None:
+            theirs.append(window(model.get_layer("features")(chunk, training=False), training=False).numpy())
+        for ours, keras_values in zip(session.run(names, {"image": chunk}), theirs):
+            worst = max(worst, float(np.abs(ours - keras_values).max()))
     return worst
 
 

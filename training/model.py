@@ -22,7 +22,7 @@ from tqdm.keras import TqdmCallback
 from minipacs.reasons import CLASSES
 from training import pretrained
 
-OUTPUT, CLASS_OUTPUT = "p_valid", "p_class"
+OUTPUT, CLASS_OUTPUT, WINDOW_OUTPUT = "p_valid", "p_class", "p_window"
 
 
 def minipacs(size: int) -> keras.Model:
@@ -151,11 +151,28 @@ def train_mobilenet(features: keras.Model, train_data, validate_data, heads: int
         keras.utils.set_random_seed(seed + n)
         members.append(linear_head(train_x))
         histories.append(train(members[-1], (train_x, train_data[1]), (validate_x, validate_data[1]), **options))
-    shared = features(features.inputs[0])
-    named = [keras.Model(m.inputs[0], m.outputs[0], name=f"head{n}")(shared) for n, m in enumerate(members)]
-    outputs = named[0] if heads == 1 else layers.Average()(named)
-    return keras.Model(features.inputs[0], layers.Activation("linear", name=CLASS_OUTPUT)(outputs),
+    named = [keras.Model(m.inputs[0], m.outputs[0], name=f"head{n}") for n, m in enumerate(members)]
+    return keras.Model(features.inputs[0], read_off(features.inputs[0], features, named),
                        name="mobilenet_linear"), histories
+
+
+def read_off(image, features: keras.Model, heads: list[keras.Model], window: keras.Model | None = None) -> list:
+    """``p_class`` (the heads' softmaxes averaged) and, given the window head
+    (``training.windowhead``), ``p_window``, all read off one pass of ``features`` over ``image``."""
+    shared = features(image)
+    named = [head(shared) for head in heads]
+    outputs = [layers.Activation("linear", name=CLASS_OUTPUT)(named[0] if len(named) == 1 else layers.Average()(named))]
+    if window is not None:
+        outputs.append(layers.Activation("linear", name=WINDOW_OUTPUT)(window(shared)))
+    return outputs
+
+
+def with_window(model: keras.Model, window: keras.Model) -> keras.Model:
+    """A model of :func:`train_mobilenet` with the window head beside its heads: image →
+    [p_class, p_window]."""
+    image = keras.Input(shape=model.input_shape[1:], name="image")
+    heads = [layer for layer in model.layers if layer.name.startswith("head")]
+    return keras.Model(image, read_off(image, model.get_layer("features"), heads, window), name=model.name)
 
 
 def ensemble(members: list[keras.Model]) -> keras.Model:
@@ -171,14 +188,14 @@ def ensemble(members: list[keras.Model]) -> keras.Model:
 
 
 def with_p_valid(model: keras.Model) -> keras.Model:
-    """The model with two outputs, ``p_valid`` (N, 1) then ``p_class``: P(valid) is picked out
-    of the softmax by a fixed linear layer (no Lambda, so tf2onnx sees plain MatMul)."""
+    """The model with ``p_valid`` (N, 1) before its outputs (``p_class`` first): P(valid) is
+    picked out of the softmax by a fixed linear layer (no Lambda, so tf2onnx sees plain MatMul)."""
     pick = layers.Dense(1, use_bias=False, trainable=False, name=OUTPUT)
-    p_valid = pick(model.output)
+    p_valid = pick(model.outputs[0])
     kernel = np.zeros((len(CLASSES), 1), np.float32)
     kernel[0, 0] = 1.0
     pick.set_weights([kernel])
-    return keras.Model(model.input, [p_valid, model.output], name=model.name)
+    return keras.Model(model.input, [p_valid, *model.outputs], name=model.name)
 
 
 def train(model: keras.Model, train_data, validate_data, epochs: int, batch_size: int,

@@ -66,7 +66,7 @@ SCHEMAS = {
     "Model": _object(["Loaded"], Loaded={"type": "boolean"}, Error=_STRING_OR_NULL,
                      Version=_STRING, InputSize={"type": "integer"}, Threshold={"type": "number"},
                      Preprocessing=_STRING, Sha256=_STRING, Path=_STRING, LoadedAt=_STRING,
-                     Reasons={"type": "array", "items": _STRING},
+                     Reasons={"type": "array", "items": _STRING}, WindowThreshold=_NUMBER_OR_NULL,
                      Stale={"type": "integer", "minimum": 0}, Unscored={"type": "integer", "minimum": 0},
                      Reviews={"type": "array", "items": _object(
                          ["ModelVersion", "Confirmed", "Dismissed", "Missed", "Reviewed", "Precision"],

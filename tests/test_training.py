@@ -169,7 +169,9 @@ def test_onnx_model_is_what_the_plugin_loads(run):
     assert [i.name for i in session.get_inputs()] == ["image"]
     # The window head, trained on the crops the tiny dataset's candidate boxes give, is a third output.
     assert [o.name for o in session.get_outputs()] == ["p_valid", "p_class", "p_window"]
-    assert (run / "window.keras").is_file() and meta["minipacs.window_threshold"] == "0.5"
+    window = json.loads((run / "window.json").read_text())  # its threshold, calibrated on the validation crops
+    assert (run / "window.keras").is_file() and 0 < window["threshold"] < 1
+    assert meta["minipacs.window_threshold"] == str(window["threshold"])
     assert meta[reasons.METADATA_CLASSES] == ",".join(reasons.CLASSES)
     images = [render.render(ds).pixels for ds in synth.generate(1, seed=3, size=64, slices=2)][:3]
     p, p_class, p_window = session.run(["p_valid", "p_class", "p_window"], {"image": preprocess.batch(images)})

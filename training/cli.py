@@ -213,7 +213,7 @@ def run_dataset(args, out: Path) -> None:
 def run_train(args, data: Path, run: Path) -> None:
     import keras
 
-    from training import pretrained
+    from training import pretrained, windowhead
     from training.dataset import load_split
     from training.model import ARCHITECTURES, ensemble, mobilenet_features, train, train_mobilenet
 
@@ -240,9 +240,7 @@ def run_train(args, data: Path, run: Path) -> None:
     seconds = time.perf_counter() - started
     run.mkdir(parents=True, exist_ok=True)
     model.save(run / "model.keras")
-    (run / "window.keras").unlink(missing_ok=True)
-    if window is not None:
-        window.save(run / "window.keras")
+    windowhead.save(run, window, window_history["threshold"] if window is not None else None)
     epochs = [len(h["loss"]) for h in histories]
     (run / "history.json").write_text(json.dumps({"history": histories[0], "members": histories, "seconds": seconds,
                                                   **({"window": window_history} if window is not None else {}),
@@ -267,21 +265,20 @@ def train_window(features, data: Path, seed: int):
                     {split: f"{len(y)} ({int(y.sum())})" for split, (_, y) in examples.items()})
         return None, None
     window, history = windowhead.train(features, examples["train"], examples["validate"], seed)
-    log.info("window head: %s crops (windows among them), validation accuracy %.3f",
+    log.info("window head: %s crops (windows among them), validation accuracy %.3f, threshold %s",
              {split: f"{len(y)} ({int(y.sum())})" for split, (_, y) in examples.items()},
-             history["val_accuracy"][int(np.argmin(history["val_loss"]))])
+             history["val_accuracy"][int(np.argmin(history["val_loss"]))], history["threshold"])
     return window, history
 
 
-def with_windows(p_class, seen, threshold: float):
+def with_windows(p_class, seen, threshold: float, window_threshold: float):
     """The softmax as the plugin acts on it after its closer look: an image the network passes
-    (P(valid) ≥ ``threshold``) whose crop reaches the window threshold (``seen``,
+    (P(valid) ≥ ``threshold``) whose crop reaches ``window_threshold`` (``seen``,
     :func:`windowhead.seen`) gets all its probability on ``overlay``."""
     from minipacs import reasons
-    from training import windowhead
 
     p_class = p_class.copy()
-    hit = (seen >= windowhead.THRESHOLD) & (p_class[:, 0] >= threshold)
+    hit = (seen >= window_threshold) & (p_class[:, 0] >= threshold)
     p_class[hit] = 0.0
     p_class[hit, reasons.CLASSES.index(reasons.OVERLAY)] = 1.0
     return p_class
@@ -302,13 +299,14 @@ def run_evaluate(args, data: Path, run: Path) -> dict:
 
     model = keras.models.load_model(run / "model.keras")  # the reloaded model is what we evaluate
     size = int(model.input_shape[1])
-    window = keras.models.load_model(run / "window.keras") if (run / "window.keras").exists() else None
+    window, window_threshold = windowhead.load(run)
 
     def predicted(x, rows, threshold):
         p_class = with_proven(rows, model.predict(x, batch_size=128, verbose=0))
         if window is None:
             return p_class
-        return with_windows(p_class, windowhead.seen(model.get_layer("features"), window, data, rows), threshold)
+        return with_windows(p_class, windowhead.seen(model.get_layer("features"), window, data, rows), threshold,
+                            window_threshold)
 
     threshold = args.threshold
     if threshold is None:
@@ -387,8 +385,10 @@ def run_export(args, data: Path, run: Path) -> None:
     model = keras.models.load_model(run / "model.keras")
     path = args.onnx or run / "minipacs-anomaly.onnx"
     threshold = chosen_threshold(args, run)
-    window = keras.models.load_model(run / "window.keras") if (run / "window.keras").exists() else None
-    to_onnx(model, path, threshold, args.version, window)
+    from training import windowhead
+
+    window, window_threshold = windowhead.load(run)
+    to_onnx(model, path, threshold, args.version, window, window_threshold)
     x, _, _ = load_split(data, "test", int(model.input_shape[1]))
     diff = max_difference(model, path, x, window)
     check = {"onnx": str(path), "bytes": path.stat().st_size, "images": len(x), "threshold": threshold,

@@ -13,15 +13,15 @@ import tensorflow as tf
 import tf2onnx
 
 from minipacs import preprocess, reasons, scoring
-from training import windowhead
 from training.model import WINDOW_OUTPUT, with_p_valid, with_window
 
 OPSET = 13
 
 
-def to_onnx(model, path: Path, threshold: float, version: str, window=None) -> onnx.ModelProto:
-    """``window``: the window head (:mod:`training.windowhead`), read off the model's own
-    frozen features, so both heads share one pass."""
+def to_onnx(model, path: Path, threshold: float, version: str, window=None,
+            window_threshold: float | None = None) -> onnx.ModelProto:
+    """``window``: the window head (:mod:`training.windowhead`) and its threshold, read off the
+    model's own frozen features, so both heads share one pass."""
     size = int(model.input_shape[1])
     signature = (tf.TensorSpec((None, size, size, 1), tf.float32, name="image"),)
     exported = with_p_valid(model if window is None else with_window(model, window))
@@ -36,7 +36,7 @@ def to_onnx(model, path: Path, threshold: float, version: str, window=None) -> o
                 preprocess.METADATA_POSITIVE: "valid",
                 reasons.METADATA_CLASSES: ",".join(reasons.CLASSES)}
     if window is not None:
-        metadata[scoring.METADATA_WINDOW_THRESHOLD] = str(windowhead.THRESHOLD)
+        metadata[scoring.METADATA_WINDOW_THRESHOLD] = str(window_threshold)
     onnx.helper.set_model_props(proto, metadata)
     proto.producer_name = "minipacs-training"
     onnx.checker.check_model(proto)

@@ -28,8 +28,6 @@ from training.sources import picture_pixels
 WINDOW_KINDS = ("dialog", "message_box")
 #: Share of valid renders also cropped at a random box.
 RANDOM_SHARE = 1 / 7
-#: The p_window a crop must reach (written into the model's metadata).
-THRESHOLD = 0.5
 
 
 def over(box: tuple[int, int, int, int], drawn: list[int]) -> bool:
@@ -82,8 +80,11 @@ def head(features: np.ndarray) -> keras.Model:
 def train(features: keras.Model, train_examples, validate_examples, seed: int, epochs: int = 30,
           batch_size: int = 64, patience: int = 4, learning_rate: float = 1e-3) -> tuple[keras.Model, dict]:
     """The head trained on the crops' features (binary cross-entropy, early stopping on the
-    validation crops' loss); returns it and its history."""
+    validation crops' loss); returns it and its history, with ``threshold``: the p_window a crop
+    must reach, calibrated on the validation crops as the classes' threshold is (best F1,
+    ``training.evaluate.calibrate``). A crop it flags is an image flagged: precision counts."""
     from minipacs import preprocess
+    from training.evaluate import calibrate
 
     size = int(features.input_shape[1])
     (train_x, train_y), (validate_x, validate_y) = (
@@ -95,7 +96,24 @@ def train(features: keras.Model, train_examples, validate_examples, seed: int, e
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
     history = model.fit(train_x, train_y, validation_data=(validate_x, validate_y), epochs=epochs,
                         batch_size=batch_size, shuffle=True, callbacks=[stop], verbose=0)
-    return model, {k: [float(v) for v in values] for k, values in history.history.items()}
+    threshold = calibrate(validate_y, model.predict(validate_x, batch_size=256, verbose=0)[:, 0])
+    return model, {"threshold": threshold, **{k: [float(v) for v in values] for k, values in history.history.items()}}
+
+
+def save(run: Path, model: keras.Model | None, threshold: float | None) -> None:
+    """``RUN/window.keras`` and its threshold in ``RUN/window.json``; none for no head."""
+    for name in ("window.keras", "window.json"):
+        (run / name).unlink(missing_ok=True)
+    if model is not None:
+        model.save(run / "window.keras")
+        (run / "window.json").write_text(json.dumps({"threshold": threshold}))
+
+
+def load(run: Path) -> tuple[keras.Model | None, float | None]:
+    """The head :func:`save` wrote, and its threshold; (None, None) without one."""
+    if not (run / "window.keras").exists():
+        return None, None
+    return keras.models.load_model(run / "window.keras"), json.loads((run / "window.json").read_text())["threshold"]
 
 
 def seen(features: keras.Model, window: keras.Model, data: Path, rows: list[dict]) -> np.ndarray:

@@ -43,12 +43,12 @@ class Rule:
 
 #: What no scan shows: flagged as it is (:func:`window_box`).
 STRICT = Rule(contrast=20, share=0.7, min_height=6, clipped=False, aspect=(0.15, 1.2))
-#: A box that may be a window: dark-theme frames, lower contrast, 4 rows. Anatomy draws such
+#: A box that may be a window: dark-theme frames, lower contrast, 5 rows. Anatomy draws such
 #: boxes too (one valid render in nine), so the network judges a crop around each
 #: (:func:`candidates`, :func:`crop`; ``scoring``). Landscape only: the 150 dialogs captured
 #: for training are 0.12–0.67 times as tall as wide, while the boxed orientation letters that
 #: scanners burn in (an "L" or "F" in a square frame) are square.
-LOOSE = Rule(contrast=10, share=0.6, min_height=4, clipped=True, aspect=(0.15, 0.8))
+LOOSE = Rule(contrast=10, share=0.6, min_height=5, clipped=True, aspect=(0.15, 0.8))
 #: At most this many candidate boxes per image are judged.
 CANDIDATES = 4
 #: A crop is this many times the box's longer side (the frame and what is around it), at

@@ -292,10 +292,9 @@ def run_evaluate(args, data: Path, run: Path) -> dict:
     import numpy as np
 
     from minipacs import reasons
+    from training import windowhead
     from training.dataset import load_split
     from training.evaluate import calibrate, write_report
-
-    from training import windowhead
 
     model = keras.models.load_model(run / "model.keras")  # the reloaded model is what we evaluate
     size = int(model.input_shape[1])
@@ -379,14 +378,13 @@ def chosen_threshold(args, run: Path) -> float:
 def run_export(args, data: Path, run: Path) -> None:
     import keras
 
+    from training import windowhead
     from training.dataset import load_split
     from training.export import latency_ms, max_difference, to_onnx
 
     model = keras.models.load_model(run / "model.keras")
     path = args.onnx or run / "minipacs-anomaly.onnx"
     threshold = chosen_threshold(args, run)
-    from training import windowhead
-
     window, window_threshold = windowhead.load(run)
     to_onnx(model, path, threshold, args.version, window, window_threshold)
     x, _, _ = load_split(data, "test", int(model.input_shape[1]))

@@ -275,13 +275,12 @@ def with_windows(p_class, seen, threshold: float, window_threshold: float):
     """The softmax as the plugin acts on it after its closer look: an image the network passes
     (P(valid) ≥ ``threshold``) whose crop reaches ``window_threshold`` (``seen``,
     :func:`windowhead.seen`) gets all its probability on ``overlay``."""
+    import numpy as np
+
     from minipacs import reasons
 
-    p_class = p_class.copy()
     hit = (seen >= window_threshold) & (p_class[:, 0] >= threshold)
-    p_class[hit] = 0.0
-    p_class[hit, reasons.CLASSES.index(reasons.OVERLAY)] = 1.0
-    return p_class
+    return certain(p_class, {int(i): reasons.OVERLAY for i in np.flatnonzero(hit)})
 
 
 def run_evaluate(args, data: Path, run: Path) -> dict:
@@ -357,13 +356,17 @@ def compare_on_reviews(model, data: Path, size: int, threshold: float) -> dict |
 def with_proven(rows: list[dict], p_class):
     """The softmax as the plugin acts on it: an image ``reasons.checks`` flags
     anomalous (row ``proven``) gets all its probability on that reason, whatever the network said."""
+    return certain(p_class, {i: row["proven"] for i, row in enumerate(rows) if row.get("proven")})
+
+
+def certain(p_class, known: dict[int, str]):
+    """A copy of the softmax with all of row i's probability on the reason ``known[i]``."""
     from minipacs import reasons
 
     p_class = p_class.copy()
-    for i, row in enumerate(rows):
-        if row.get("proven"):
-            p_class[i] = 0.0
-            p_class[i, reasons.CLASSES.index(row["proven"])] = 1.0
+    for i, reason in known.items():
+        p_class[i] = 0.0
+        p_class[i, reasons.CLASSES.index(reason)] = 1.0
     return p_class
 
 

@@ -122,12 +122,7 @@ def seen(features: keras.Model, window: keras.Model, data: Path, rows: list[dict
     from minipacs import preprocess
 
     size = int(features.input_shape[1])
-    crops, owners = [], []
-    for n, row in enumerate(rows):
-        pixels = picture_pixels(data / row["file"])
-        for box in windows.candidates(pixels):
-            crops.append(windows.crop(pixels, box))
-            owners.append(n)
+    crops, owners = windows.crops(picture_pixels(data / row["file"]) for row in rows)
     out = np.zeros(len(rows))
     if crops:
         p = window.predict(features.predict(preprocess.batch(crops, size), batch_size=64, verbose=0),

@@ -225,11 +225,7 @@ class Scorer:
         (0 when it has none, or the model no p_window): all crops run as one batch."""
         if self.info.window_threshold is None:
             return [0.0] * len(images)
-        crops, owners = [], []
-        for n, pixels in enumerate(images):
-            for box in windows.candidates(pixels):
-                crops.append(windows.crop(pixels, box))
-                owners.append(n)
+        crops, owners = windows.crops(images)
         seen = [0.0] * len(images)
         if crops:
             p_window = self._run(preprocess.batch(crops, self.info.input_size))[WINDOW_OUTPUT][:, 0]

@@ -17,6 +17,7 @@ pydicom's corpus and orthanc-tests' real MR/CT, and on real dialogs burned in at
 width: docs/invalid-data.md.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +84,18 @@ def crop(pixels: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     left = min(max(0, (x0 + x1) // 2 - side // 2), w - side)
     top = min(max(0, (y0 + y1) // 2 - side // 2), h - side)
     return pixels[top:top + side, left:left + side]
+
+
+def crops(images: Iterable[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+    """The crops around every image's candidate boxes, and the index of the image each comes
+    from: what the window head judges, in training and in scoring alike (``images`` may be a
+    generator: only the crops are kept)."""
+    found, owners = [], []
+    for n, pixels in enumerate(images):
+        for box in candidates(pixels):
+            found.append(crop(pixels, box))
+            owners.append(n)
+    return found, owners
 
 
 def _same(a, b) -> bool:

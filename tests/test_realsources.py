@@ -92,7 +92,7 @@ assert len(images) == 32, len(images)
 assert {i.view for i in images} == {"axial", "coronal", "sagittal", "drr"}
 assert all(i.valid.pixels.dtype == np.uint8 for i in images)
 axial = [i for i in images if i.view == "axial"]
-assert {i.valid.pixels.shape[0] for i in axial} <= set(r.MATRIX_SIZES)
+assert {max(i.valid.pixels.shape) for i in axial} <= set(r.MATRIX_SIZES)  # the longer side
 coronal = [i for i in images if i.view == "coronal"][0].valid.pixels
 assert 0.6 < coronal.shape[0] / coronal.shape[1] < 1.0, coronal.shape  # 200 mm by 256 mm
 drr = [i for i in images if i.view == "drr"]
@@ -107,6 +107,30 @@ mr_images = list(r.volume_images(mr, "block.nii", r.Volume((hu + 1000).astype(np
                                  "g", rng, per_volume=36))
 mosaics = [i.valid.pixels for i in mr_images if i.view == "mosaic"]
 assert len(mosaics) == 3 and all(m.shape[0] == m.shape[1] for m in mosaics), [m.shape for m in mosaics]
+print("ok")
+""")
+
+
+def test_a_tissue_view_lies_inside_the_body():
+    """Some of the smaller fields of view show tissue only (at least 90 % body, no air); a body
+    too small for one gets none."""
+    train_python("""
+import numpy as np
+from training import realsources as r
+
+y, x = np.mgrid[0:256, 0:256]
+body = ((y - 128) / 110.0) ** 2 + ((x - 128) / 120.0) ** 2 < 1
+plane = np.where(body, 40.0, -1000.0)
+kinds = {"tissue": 0, "fov": 0, "": 0}
+for seed in range(150):
+    view, label = r.field_of_view(plane, "CT", 0.0, np.random.default_rng(seed))
+    kind = label.split("[")[0].strip()
+    kinds[kind] += 1
+    if kind == "tissue":
+        assert (view > -500).mean() >= 0.9 and min(view.shape) >= 64, (view.shape, (view > -500).mean())
+assert kinds["tissue"] >= 3 and kinds["fov"] > 10 and kinds[""] > 60, kinds
+small = np.where(((y - 128) / 30.0) ** 2 + ((x - 128) / 30.0) ** 2 < 1, 40.0, -1000.0)
+assert r.tissue_view(small > -500, np.argwhere(small > -500), np.random.default_rng(0)) is None
 print("ok")
 """)
 

